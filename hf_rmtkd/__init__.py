@@ -1,0 +1,63 @@
+"""hf_rmtkd: RMT-KD (random-matrix-theoretic compression with self-distillation) for Hugging Face models."""
+
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+)
+
+from .analysis import SiteReport, SpectralOptions, SpectralReport, analyze
+from .compression import compress, to_rmtkd
+from .configuration_rmtkd import RMTKDConfig
+from .layers import LowRankLinear
+from .modeling_rmtkd import (
+    RMTKDForCausalLM,
+    RMTKDForImageClassification,
+    RMTKDForSequenceClassification,
+    RMTKDForTokenClassification,
+    RMTKDModel,
+    RMTKDPreTrainedModel,
+)
+from .mp_law import fit_spectrum, mp_density, mp_edges
+
+
+__version__ = "0.1.0"
+
+
+def _register() -> None:
+    """Make `AutoConfig` and the `AutoModel*` classes resolve `model_type="rmtkd"` checkpoints."""
+    AutoConfig.register("rmtkd", RMTKDConfig, exist_ok=True)
+    for auto, cls in (
+        (AutoModel, RMTKDModel),
+        (AutoModelForSequenceClassification, RMTKDForSequenceClassification),
+        (AutoModelForTokenClassification, RMTKDForTokenClassification),
+        (AutoModelForCausalLM, RMTKDForCausalLM),
+        (AutoModelForImageClassification, RMTKDForImageClassification),
+    ):
+        auto.register(RMTKDConfig, cls, exist_ok=True)
+
+
+_register()
+
+__all__ = [
+    "LowRankLinear",
+    "RMTKDConfig",
+    "RMTKDForCausalLM",
+    "RMTKDForImageClassification",
+    "RMTKDForSequenceClassification",
+    "RMTKDForTokenClassification",
+    "RMTKDModel",
+    "RMTKDPreTrainedModel",
+    "SiteReport",
+    "SpectralOptions",
+    "SpectralReport",
+    "analyze",
+    "compress",
+    "fit_spectrum",
+    "mp_density",
+    "mp_edges",
+    "to_rmtkd",
+]

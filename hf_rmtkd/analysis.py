@@ -1,0 +1,229 @@
+"""Spectral analysis without change: per-site MP fit of the activation covariance, as a report."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .calibration import ActivationStatistics, collect_statistics
+from .mp_law import ESTIMATORS, TRACY_WIDOM_1_QUANTILES, fit_spectrum
+from .sites import Site, select_sites
+
+
+@dataclass
+class SpectralOptions:
+    """Options of the MP analysis, shared by `analyze`, `compress` and the trainer.
+
+    Args:
+        estimator (`str`, *optional*, defaults to `"bema"`): noise-variance estimator: `"bema"` (bulk eigenvalue
+            matching, no knob), `"mp_fit"` (the paper's: `tau` quantile refined by an MP histogram fit) or
+            `"quantile"` (the `tau` quantile alone).
+        tau (`float`, *optional*, defaults to 0.5): quantile for `"mp_fit"` and `"quantile"`, in (0, 1).
+        false_alarm (`float`, *optional*, defaults to 0.001): Tracy–Widom false-alarm level of the rank rule.
+        centered (`bool`, *optional*, defaults to `True`): subtract the mean; `False` is the paper's uncentred
+            covariance (the mean then shows up as a spurious spike).
+        max_samples (`int`, *optional*, defaults to 200000): cap on tokens (samples) per site; `None` for no cap.
+        min_rank (`int`, *optional*, defaults to 1): floor on the retained rank of any site.
+        seed (`int`, *optional*): recorded in the checkpoint's provenance.
+    """
+
+    estimator: str = "bema"
+    tau: float = 0.5
+    false_alarm: float = 0.001
+    centered: bool = True
+    max_samples: int | None = 200_000
+    min_rank: int = 1
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {self.estimator!r}.")
+        if not 0.0 < self.tau < 1.0:
+            raise ValueError(f"`tau` must be in (0, 1), got {self.tau}.")
+        if self.false_alarm not in TRACY_WIDOM_1_QUANTILES:
+            raise ValueError(f"`false_alarm` must be one of {sorted(TRACY_WIDOM_1_QUANTILES)}, got {self.false_alarm}.")
+        if self.max_samples is not None and self.max_samples < 2:
+            raise ValueError(f"`max_samples` must be >= 2 or None, got {self.max_samples}.")
+        if self.min_rank < 1:
+            raise ValueError(f"`min_rank` must be >= 1, got {self.min_rank}.")
+
+
+@dataclass
+class SiteReport:
+    """MP analysis of one site.
+
+    Attributes:
+        name, kind, producers: the [`~hf_rmtkd.sites.Site`].
+        dim (`int`): width `d` of the analysed activation.
+        n_samples (`int`): samples `n` (tokens or positions).
+        rank (`int`): retained rank `k` (at least `min_rank`).
+        signal_rank (`int`): eigenvalues above the threshold, before the `min_rank` floor.
+        sigma2, lambda_plus, threshold, q (`float`): the MP fit.
+        eigenvalues (`torch.Tensor` of shape `(d,)`): covariance eigenvalues, descending, float64.
+        retained_variance (`float`): fraction of the total variance in the top `rank` eigen-directions.
+        statistics: the raw sums, kept for surgery (not serialised).
+    """
+
+    name: str
+    kind: str
+    dim: int
+    n_samples: int
+    rank: int
+    signal_rank: int
+    sigma2: float
+    lambda_plus: float
+    threshold: float
+    q: float
+    eigenvalues: torch.Tensor
+    eigenvectors: torch.Tensor = field(repr=False)
+    retained_variance: float = 0.0
+    producers: list[str] = field(default_factory=list)
+    statistics: ActivationStatistics | None = field(default=None, repr=False)
+
+    def summary(self) -> dict:
+        """Scalar fields only: one row of the report table."""
+        return {
+            "module": self.name,
+            "kind": self.kind,
+            "dim": self.dim,
+            "rank": self.rank,
+            "rank_fraction": self.rank / self.dim,
+            "n_samples": self.n_samples,
+            "q": self.q,
+            "sigma2": self.sigma2,
+            "lambda_plus": self.lambda_plus,
+            "threshold": self.threshold,
+            "retained_variance": self.retained_variance,
+        }
+
+
+class SpectralReport(Mapping):
+    """Mapping from module path to [`SiteReport`], with table and plot helpers.
+
+    Attributes:
+        options ([`SpectralOptions`]): the options used.
+        fingerprint (`str`): sha256 of the calibration batches.
+    """
+
+    def __init__(self, sites: dict[str, SiteReport], options: SpectralOptions, fingerprint: str):
+        self._sites = sites
+        self.options = options
+        self.fingerprint = fingerprint
+
+    def __getitem__(self, name: str) -> SiteReport:
+        return self._sites[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sites)
+
+    def __len__(self) -> int:
+        return len(self._sites)
+
+    def to_dict(self) -> dict[str, dict]:
+        """`{module: summary}` of scalar fields."""
+        return {name: site.summary() for name, site in self._sites.items()}
+
+    def to_pandas(self):
+        """The report as a `pandas.DataFrame`, one row per site."""
+        import pandas as pd
+
+        return pd.DataFrame([site.summary() for site in self._sites.values()])
+
+    def plot(self, output_dir: str | Path, names: Iterable[str] | None = None) -> list[Path]:
+        """Write one spectrum PNG per site (histogram, fitted MP density, `lambda_+`); returns the paths."""
+        from .plotting import plot_spectrum
+
+        out = Path(output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return [plot_spectrum(self._sites[n], out) for n in (names or self._sites)]
+
+
+def analyze_statistics(
+    site: Site, stats: ActivationStatistics, options: SpectralOptions
+) -> SiteReport:
+    """Eigendecompose one site's covariance and apply the MP rule."""
+    cov = stats.covariance(options.centered)
+    n = stats.count - 1 if options.centered else stats.count
+    if n < 2:
+        raise ValueError(f"Module {site.name!r} saw {stats.count} calibration samples; at least 3 are needed.")
+    if n < stats.dim:
+        warnings.warn(
+            f"Module {site.name!r}: {stats.count} calibration samples for width {stats.dim} (q = {stats.dim / n:.2f} > 1); "
+            "the rank estimate is valid but noisy. Use more calibration data.",
+            stacklevel=3,
+        )
+    eigenvalues, eigenvectors = torch.linalg.eigh(cov)
+    eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
+    fit = fit_spectrum(eigenvalues, n, options.estimator, options.tau, options.false_alarm)
+    rank = min(max(fit.rank, options.min_rank), stats.dim)
+    if fit.rank < options.min_rank:
+        warnings.warn(
+            f"Module {site.name!r}: no eigenvalue rises above the MP edge (sigma2={fit.sigma2:.4g}, "
+            f"lambda_plus={fit.lambda_plus:.4g}); keeping the minimum rank {rank}.",
+            stacklevel=3,
+        )
+    total = float(eigenvalues.sum())
+    return SiteReport(
+        name=site.name,
+        kind=site.kind,
+        dim=stats.dim,
+        n_samples=stats.count,
+        rank=rank,
+        signal_rank=fit.rank,
+        sigma2=fit.sigma2,
+        lambda_plus=fit.lambda_plus,
+        threshold=fit.threshold,
+        q=fit.q,
+        eigenvalues=eigenvalues,
+        eigenvectors=eigenvectors,
+        retained_variance=float(eigenvalues[:rank].sum()) / total if total > 0 else 1.0,
+        producers=list(site.producers),
+        statistics=stats,
+    )
+
+
+def analyze_sites(
+    model: nn.Module, calibration_data: Iterable, sites: list[Site], options: SpectralOptions, progress: bool = True
+) -> SpectralReport:
+    """Collect statistics for `sites` in one pass over the data and analyse each."""
+    stats, fingerprint = collect_statistics(model, calibration_data, [s.name for s in sites], options.max_samples, progress)
+    return SpectralReport({s.name: analyze_statistics(s, stats[s.name], options) for s in sites}, options, fingerprint)
+
+
+def analyze(
+    model: nn.Module,
+    calibration_data: Iterable,
+    target_modules: str | list[str] | None = None,
+    progress: bool = True,
+    **options,
+) -> SpectralReport:
+    """Analyse the activation spectra of a model's reducible sites, without changing the model.
+
+    Args:
+        model (`nn.Module`): a Hugging Face model, an RMTKD model, or any torch module.
+        calibration_data (`Iterable`): batches: dicts of tensors (`model(**batch)`) or tensors (`model(batch)`).
+        target_modules (`str` or `list[str]`, *optional*): regex or list of name suffixes, as peft's
+            `target_modules`; by default every reducible site (FFN inner widths and the linear layers of the blocks).
+        progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        **options: fields of [`SpectralOptions`] (`estimator`, `tau`, `false_alarm`, `centered`, `max_samples`,
+            `min_rank`, `seed`).
+
+    Returns:
+        [`SpectralReport`]: module path -> [`SiteReport`] with `rank`, `dim`, `n_samples`, `sigma2`, `lambda_plus`,
+        `eigenvalues` and `retained_variance`.
+
+    Example:
+
+    ```python
+    >>> report = hf_rmtkd.analyze(model, batches, target_modules=["output.dense"])
+    >>> report.to_pandas()[["module", "dim", "rank", "sigma2"]]
+    >>> report.plot("spectra/")
+    ```
+    """
+    inner = getattr(model, "rmtkd_inner_model", model)
+    return analyze_sites(inner, calibration_data, select_sites(inner, target_modules), SpectralOptions(**options), progress)

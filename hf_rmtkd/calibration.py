@@ -1,0 +1,222 @@
+"""Streaming activation statistics through forward hooks: float64 sums of x x^T, x and n per hooked module."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class ActivationStatistics:
+    """Sufficient statistics of one module's input, in float64. Memory is O(d^2), never O(n d).
+
+    Attributes:
+        sum_outer (`torch.Tensor` of shape `(d, d)`): sum over samples of `x x^T`.
+        sum (`torch.Tensor` of shape `(d,)`): sum over samples of `x`.
+        count (`int`): number of samples `n` (tokens, or spatial positions for convolutions).
+    """
+
+    sum_outer: torch.Tensor
+    sum: torch.Tensor
+    count: int = 0
+
+    @classmethod
+    def zeros(cls, dim: int) -> ActivationStatistics:
+        return cls(torch.zeros(dim, dim, dtype=torch.float64), torch.zeros(dim, dtype=torch.float64), 0)
+
+    @property
+    def dim(self) -> int:
+        return self.sum.numel()
+
+    @property
+    def mean(self) -> torch.Tensor:
+        """Sample mean, shape `(d,)`."""
+        return self.sum / max(self.count, 1)
+
+    def covariance(self, centered: bool = True) -> torch.Tensor:
+        """`(1/n) sum (x - mu)(x - mu)^T` if `centered`, else the paper's uncentred `(1/n) sum x x^T`; shape `(d, d)`."""
+        n = max(self.count, 1)
+        cov = self.sum_outer / n
+        if centered:
+            mu = self.mean
+            cov = cov - torch.outer(mu, mu)
+        return (cov + cov.T) / 2
+
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate samples `x` of shape `(n, d)`."""
+        x = x.detach().to(device="cpu", dtype=torch.float64)
+        self.sum_outer += x.T @ x
+        self.sum += x.sum(0)
+        self.count += x.shape[0]
+
+
+def _samples(x: torch.Tensor, mask: torch.Tensor | None, conv: bool) -> torch.Tensor:
+    """Flatten a module input to `(n, d)` samples, dropping padded positions."""
+    if conv:
+        # (batch, channels, height, width): every spatial position is one sample of the channel vector.
+        return x.movedim(1, -1).reshape(-1, x.shape[1])
+    if mask is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.to(device=x.device, dtype=torch.bool)]
+    return x.reshape(-1, x.shape[-1])
+
+
+class ActivationCollector:
+    """Hooks the inputs of named modules and streams their statistics.
+
+    Modules that receive the very same input tensor in a forward (Q, K and V, say) share one accumulation.
+
+    Args:
+        model (`nn.Module`): the model to observe.
+        module_names (`list[str]`): paths of the modules whose inputs are collected.
+        max_samples (`int`, *optional*): cap on samples (tokens) per module; later samples are ignored.
+    """
+
+    def __init__(self, model: nn.Module, module_names: list[str], max_samples: int | None = None):
+        if max_samples is not None and max_samples < 2:
+            raise ValueError(f"`max_samples` must be >= 2 or None, got {max_samples}.")
+        self.model = model
+        self.max_samples = max_samples
+        self.stats: dict[str, ActivationStatistics] = {}
+        self.mask: torch.Tensor | None = None
+        self._handles = []
+        self._seen: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for name in module_names:
+            module = model.get_submodule(name)
+            self._handles.append(module.register_forward_pre_hook(self._hook(name, isinstance(module, nn.Conv2d))))
+
+    def _hook(self, name: str, conv: bool):
+        def hook(module, args):
+            x = args[0]
+            if self.max_samples is not None and name in self.stats and self.stats[name].count >= self.max_samples:
+                return
+            # Keeping a reference to the tensor in `_seen` pins its id for this forward: no false sharing.
+            shared = self._seen.get(id(x))
+            if shared is None:
+                samples = _samples(x, self.mask, conv)
+                if not torch.isfinite(samples).all():
+                    raise ValueError(
+                        f"Non-finite (NaN or Inf) activations at the input of module {name!r}; "
+                        "check the model's weights, the inputs and the dtype before calibrating."
+                    )
+                shared = (x, samples)
+                self._seen[id(x)] = shared
+            samples = shared[1]
+            stats = self.stats.setdefault(name, ActivationStatistics.zeros(samples.shape[-1]))
+            if self.max_samples is not None:
+                samples = samples[: self.max_samples - stats.count]
+            stats.add(samples)
+
+        return hook
+
+    def end_batch(self) -> None:
+        self._seen.clear()
+
+    def full(self) -> bool:
+        return self.max_samples is not None and len(self.stats) == len(self._handles) and all(
+            s.count >= self.max_samples for s in self.stats.values()
+        )
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._seen.clear()
+
+
+def reduce_across_processes(stats: dict[str, ActivationStatistics]) -> None:
+    """Sum every module's statistics over all processes, in place, through accelerate's collective.
+
+    Raw sums are reduced (never per-rank covariances), so uneven shards and centring stay exact. A no-op when no
+    process group is initialised. Every rank must call this with the same module names.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    from accelerate.utils import reduce
+
+    for name in sorted(stats):
+        s = stats[name]
+        count = torch.tensor([float(s.count)], dtype=torch.float64)
+        s.sum_outer, s.sum, count = (reduce(t.contiguous(), reduction="sum") for t in (s.sum_outer, s.sum, count))
+        s.count = int(count.item())
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def _fingerprint_update(digest, batch) -> None:
+    tensors = batch.items() if isinstance(batch, Mapping) else [("", batch)]
+    for key, value in sorted(tensors, key=lambda kv: kv[0]):
+        if isinstance(value, torch.Tensor):
+            digest.update(key.encode())
+            digest.update(str(tuple(value.shape)).encode())
+            digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+
+
+def collect_statistics(
+    model: nn.Module,
+    calibration_data: Iterable,
+    module_names: list[str],
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, ActivationStatistics], str]:
+    """Run `model` over `calibration_data` without gradients and collect input statistics of `module_names`.
+
+    Args:
+        model (`nn.Module`): any torch module; Hugging Face models get `model(**batch)`.
+        calibration_data (`Iterable`): batches, each a dict of tensors (passed as `model(**batch)`; its
+            `attention_mask`, of shape `(batch_size, seq_len)`, drops padded tokens) or a tensor (passed as
+            `model(batch)`). Keys the model does not accept, such as `labels`, are dropped.
+        module_names (`list[str]`): modules whose inputs are observed.
+        max_samples (`int`, *optional*): cap on samples per module.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar (main process only).
+
+    Returns:
+        `(statistics, fingerprint)`: statistics per module (summed over processes when distributed) and the sha256
+        hex digest of the calibration batches.
+
+    Raises:
+        `ValueError` if the data is empty or activations are not finite.
+    """
+    collector = ActivationCollector(model, module_names, max_samples)
+    device = _model_device(model)
+    digest = hashlib.sha256()
+    was_training = model.training
+    model.eval()
+    is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    batches = 0
+    try:
+        with torch.no_grad():
+            for batch in tqdm(calibration_data, desc="calibration", disable=not (progress and is_main), leave=False):
+                _fingerprint_update(digest, batch)
+                if isinstance(batch, Mapping):
+                    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+                    inputs.pop("labels", None)
+                    inputs.pop("label", None)
+                    collector.mask = inputs.get("attention_mask")
+                    model(**inputs)
+                else:
+                    collector.mask = None
+                    model(batch.to(device))
+                collector.end_batch()
+                batches += 1
+                if collector.full():
+                    break
+    finally:
+        collector.remove()
+        model.train(was_training)
+    if batches == 0:
+        raise ValueError("`calibration_data` is empty: at least one batch is needed to estimate activation spectra.")
+    reduce_across_processes(collector.stats)
+    missing = [name for name in module_names if name not in collector.stats]
+    if missing:
+        raise ValueError(f"Modules {missing} never ran during calibration; they cannot be analysed.")
+    return collector.stats, digest.hexdigest()

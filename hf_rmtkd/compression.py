@@ -1,0 +1,125 @@
+"""Post-training compression: analysis plus surgery in one call, returning an RMTKD model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from torch import nn
+from transformers import PreTrainedModel
+
+from .analysis import SpectralOptions, SpectralReport, analyze_sites
+from .configuration_rmtkd import RMTKDConfig
+from .modeling_rmtkd import RMTKDPreTrainedModel, wrapper_class_for
+from .sites import select_sites
+from .surgery import reduce_site
+
+
+logger = logging.getLogger(__name__)
+
+
+def merge_peft(model: nn.Module) -> nn.Module:
+    """Merge a `peft.PeftModel` into its base model (with a message); any other model is returned unchanged."""
+    try:
+        from peft import PeftModel
+    except ImportError:  # peft is a dependency, but keep analysis usable without it
+        return model
+    if isinstance(model, PeftModel):
+        logger.warning("Merging the PEFT adapters into the base model before RMT-KD reduction.")
+        return model.merge_and_unload()
+    return model
+
+
+def to_rmtkd(model: PreTrainedModel | RMTKDPreTrainedModel) -> RMTKDPreTrainedModel:
+    """Wrap a Hugging Face model in the RMTKD class of its task, sharing its modules (no copy).
+
+    An RMTKD model is returned as is.
+    """
+    model = merge_peft(model)
+    if isinstance(model, RMTKDPreTrainedModel):
+        return model
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"compress() needs a transformers PreTrainedModel to write the RMTKD checkpoint format, got "
+            f"{type(model).__name__}; for a plain nn.Module use hf_rmtkd.analyze and hf_rmtkd.surgery.reduce_site."
+        )
+    # Trained weights must survive the wrapper's post_init, which initialises every module not flagged so.
+    for module in model.modules():
+        module._is_hf_initialized = True
+    config = RMTKDConfig(
+        base_config=model.config.to_dict(),
+        base_architecture=type(model).__name__,
+        reduced_modules={},
+        id2label=getattr(model.config, "id2label", None),
+        label2id=getattr(model.config, "label2id", None),
+    )
+    wrapper = wrapper_class_for(model)(config, model=model)
+    return wrapper.to(model.device)
+
+
+def apply_report(
+    model: RMTKDPreTrainedModel, report: SpectralReport, ffn_method: str = "select", names: Iterable[str] | None = None
+) -> dict[str, dict]:
+    """Reduce the sites of `report` (or only `names`) in `model` and record them in its config.
+
+    Returns:
+        The new config records, keyed by module path.
+    """
+    options = report.options
+    records = {}
+    for name in names or list(report):
+        record = reduce_site(model.model, report[name], options.centered, ffn_method)
+        if record is None:
+            continue
+        previous = model.config.reduced_modules.get(name)
+        if previous is not None:
+            # A second reduction of the same site: shapes stay relative to the original module.
+            record["in_features"], record["out_features"] = previous["in_features"], previous["out_features"]
+        record.update(estimator=options.estimator, tau=options.tau, false_alarm=options.false_alarm)
+        records[name] = record
+    model.config.reduced_modules.update(records)
+    model.config.calibration = {
+        "fingerprint": report.fingerprint,
+        "n_tokens": max((site.n_samples for site in report.values()), default=0),
+        "estimator": options.estimator,
+        "tau": options.tau,
+        "false_alarm": options.false_alarm,
+        "centered": options.centered,
+        "max_samples": options.max_samples,
+        "seed": options.seed,
+    }
+    return records
+
+
+def compress(
+    model: PreTrainedModel | RMTKDPreTrainedModel,
+    calibration_data: Iterable,
+    target_modules: str | list[str] | None = None,
+    ffn_method: str = "select",
+    progress: bool = True,
+    return_report: bool = False,
+    **options,
+) -> RMTKDPreTrainedModel | tuple[RMTKDPreTrainedModel, SpectralReport]:
+    """Compress a trained model with the MP rule, without fine-tuning (post-training compression).
+
+    Args:
+        model (`PreTrainedModel`): the model to compress; it is reduced in place and wrapped (a `PeftModel` is
+            merged first).
+        calibration_data (`Iterable`): batches as for [`analyze`].
+        target_modules (`str` or `list[str]`, *optional*): sites to reduce, as in [`analyze`]; default every site.
+        ffn_method (`str`, *optional*, defaults to `"select"`): FFN surgery, `"select"` or `"project"` (the paper's
+            fold); see [`hf_rmtkd.surgery`].
+        progress (`bool`, *optional*, defaults to `True`): progress bar.
+        return_report (`bool`, *optional*, defaults to `False`): also return the [`SpectralReport`].
+        **options: fields of [`SpectralOptions`].
+
+    Returns:
+        An `RMTKDFor<Task>` model whose `config.reduced_modules` records every reduction; `save_pretrained` writes it
+        and `AutoModelFor<Task>.from_pretrained` reloads it after `import hf_rmtkd`.
+    """
+    wrapper = to_rmtkd(model)
+    spectral = SpectralOptions(**options)
+    sites = select_sites(wrapper.model, target_modules)
+    report = analyze_sites(wrapper.model, calibration_data, sites, spectral, progress)
+    apply_report(wrapper, report, ffn_method)
+    return (wrapper, report) if return_report else wrapper

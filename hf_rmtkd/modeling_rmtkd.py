@@ -1,0 +1,265 @@
+"""RMTKD model classes: rebuild the reduced shapes of any supported architecture from `RMTKDConfig` alone."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+from torch import nn
+from transformers import (
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoModelForTokenClassification,
+    PreTrainedModel,
+)
+
+from .configuration_rmtkd import RMTKDConfig
+from .surgery import apply_structure
+
+
+def _architecture_class(name: str, config) -> type[PreTrainedModel]:
+    """Class for an architecture name: a transformers class, or one registered with an Auto class."""
+    import transformers
+
+    cls = getattr(transformers, name, None)
+    if cls is not None:
+        return cls
+    for auto in (AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification,
+                 AutoModelForCausalLM, AutoModelForImageClassification):
+        try:
+            candidate = auto._model_mapping[type(config)]
+        except KeyError:
+            continue
+        if candidate.__name__ == name:
+            return candidate
+    raise ValueError(f"Unknown base architecture {name!r}: it is neither in transformers nor registered with an Auto class.")
+
+
+class RMTKDPreTrainedModel(PreTrainedModel):
+    """Base of the RMTKD model classes: a reduced Hugging Face model held as `self.model`.
+
+    `RMTKDFor<Task>(config)` builds the base architecture for its task from `config.base_config`, then replaces every
+    module recorded in `config.reduced_modules` by one of the reduced shape, so `from_pretrained` needs nothing else.
+    Loading a checkpoint with the base-model class (`AutoModel`) of a task checkpoint keeps only the encoder/decoder.
+    """
+
+    config_class = RMTKDConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _task_auto_class = AutoModel
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    def __init__(self, config: RMTKDConfig, model: PreTrainedModel | None = None):
+        super().__init__(config)
+        if model is None:
+            architecture, prefix = self._resolve_architecture(config)
+            base_config = config.get_base_config()
+            model = architecture(base_config)
+            apply_structure(model, self._records_for(config, prefix))
+        self.model = model
+        self.main_input_name = getattr(model, "main_input_name", "input_ids")
+        self.post_init()
+
+    # -- architecture resolution -------------------------------------------------------------------------------
+    @classmethod
+    def _resolve_architecture(cls, config: RMTKDConfig) -> tuple[type[PreTrainedModel], str]:
+        """The class to build for this task and the prefix dropped from the saved module paths ('' if none)."""
+        base_config = config.get_base_config()
+        saved = _architecture_class(config.base_architecture, base_config)
+        try:
+            task_class = cls._task_auto_class._model_mapping[type(base_config)]
+        except KeyError:
+            task_class = None
+        if task_class is None or task_class is saved:
+            return saved, ""
+        if cls._task_auto_class is AutoModel and getattr(saved, "base_model_prefix", ""):
+            # A task checkpoint loaded as the bare base model: keep what sits under the task model's prefix.
+            return task_class, saved.base_model_prefix
+        raise ValueError(
+            f"This checkpoint holds a {config.base_architecture}; load it with the Auto class of that task, "
+            f"not with {cls.__name__}."
+        )
+
+    @staticmethod
+    def _records_for(config: RMTKDConfig, prefix: str) -> dict[str, dict]:
+        if not prefix:
+            return config.reduced_modules
+        head = prefix + "."
+        records = {}
+        for path, record in config.reduced_modules.items():
+            if path.startswith(head):
+                record = dict(record)
+                if "producers" in record:
+                    record["producers"] = [p[len(head):] for p in record["producers"]]
+                records[path[len(head):]] = record
+        return records
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """As [`~transformers.PreTrainedModel.from_pretrained`], plus two guarantees.
+
+        * A task checkpoint loaded as the base model has its key prefix mapped (`model.bert.` -> `model.`).
+        * A checkpoint whose weights do not match the ranks in its config raises `ValueError` naming the module and
+          both shapes, instead of a silently re-initialised layer.
+        """
+        config = kwargs.pop("config", None)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        if not isinstance(config, RMTKDConfig):
+            config = RMTKDConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        _, prefix = cls._resolve_architecture(config)
+        if prefix:
+            kwargs.setdefault("key_mapping", {rf"^model\.{re.escape(prefix)}\.": "model."})
+        user_ignores_mismatch = kwargs.pop("ignore_mismatched_sizes", False)
+        want_info = kwargs.pop("output_loading_info", False)
+        # transformers would raise a bare RuntimeError on a size mismatch; load leniently, then raise our own error.
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            config=config,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
+        )
+        if not user_ignores_mismatch:
+            _raise_on_bad_weights(model, info, pretrained_model_name_or_path)
+        return (model, info) if want_info else model
+
+    # -- delegation ---------------------------------------------------------------------------------------------
+    @property
+    def rmtkd_inner_model(self) -> PreTrainedModel:
+        """The reduced Hugging Face model whose module paths `config.reduced_modules` refers to."""
+        return self.model
+
+    @property
+    def forward(self):
+        # Exposes the inner model's signature, so Trainer keeps the right dataset columns and pipelines see the
+        # inputs they expect, while still going through the inner module's __call__ (its hooks fire).
+        inner = self.model
+
+        def forward(*args, **kwargs):
+            return inner(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(inner.forward)
+        forward.__doc__ = inner.forward.__doc__
+        return forward
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # The wrapper owns no parameters; the inner model initialises its own modules.
+        return
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        return self.model.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
+
+
+def _module_of(key: str) -> str:
+    """Module path of a parameter key, without the wrapper's `model.` prefix."""
+    path = key.rsplit(".", 1)[0]
+    return path[len("model."):] if path.startswith("model.") else path
+
+
+def _raise_on_bad_weights(model: RMTKDPreTrainedModel, info: dict, source) -> None:
+    """Refuse a checkpoint whose tensors do not fit the shapes its config implies."""
+    mismatched = info.get("mismatched_keys") or []
+    if mismatched:
+        key, saved, expected = next(iter(mismatched))
+        raise ValueError(
+            f"Checkpoint {str(source)!r} does not match its recorded ranks: module {_module_of(key)!r} has "
+            f"{key.rsplit('.', 1)[-1]} of shape {tuple(saved)} in the checkpoint but {tuple(expected)} from the config "
+            f"({len(mismatched)} mismatched tensor(s) in all)."
+        )
+    missing = [k for k in info.get("missing_keys") or [] if k not in model.all_tied_weights_keys]
+    if missing:
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        shown = ", ".join(f"{_module_of(k)} ({k.rsplit('.', 1)[-1]} {expected.get(k)})" for k in sorted(missing)[:5])
+        raise ValueError(
+            f"Checkpoint {str(source)!r} lacks weights the config's ranks require: {shown}"
+            f"{' ...' if len(missing) > 5 else ''}; refusing to return re-initialised layers."
+        )
+    reduced = tuple(model.config.reduced_modules)
+    unexpected = [k for k in info.get("unexpected_keys") or [] if _module_of(k).startswith(reduced)]
+    if unexpected:
+        raise ValueError(
+            f"Checkpoint {str(source)!r} holds tensors {sorted(unexpected)[:5]} that the reduced modules recorded in "
+            "its config do not have; the weights do not match the recorded ranks."
+        )
+
+
+class RMTKDModel(RMTKDPreTrainedModel):
+    """Reduced base model (encoder or decoder without a head); `AutoModel` target."""
+
+    _task_auto_class = AutoModel
+
+
+class RMTKDForSequenceClassification(RMTKDPreTrainedModel):
+    """Reduced sequence classifier; `AutoModelForSequenceClassification` target."""
+
+    _task_auto_class = AutoModelForSequenceClassification
+
+
+class RMTKDForTokenClassification(RMTKDPreTrainedModel):
+    """Reduced token classifier; `AutoModelForTokenClassification` target."""
+
+    _task_auto_class = AutoModelForTokenClassification
+
+
+class RMTKDForImageClassification(RMTKDPreTrainedModel):
+    """Reduced image classifier; `AutoModelForImageClassification` target."""
+
+    _task_auto_class = AutoModelForImageClassification
+    main_input_name = "pixel_values"
+
+
+class RMTKDForCausalLM(RMTKDPreTrainedModel):
+    """Reduced causal LM; `AutoModelForCausalLM` target. `generate()` runs the inner model's generation."""
+
+    _task_auto_class = AutoModelForCausalLM
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return True
+
+    def generate(self, *args, **kwargs):
+        """[`~transformers.GenerationMixin.generate`] of the reduced inner model."""
+        return self.model.generate(*args, **kwargs)
+
+    @property
+    def generation_config(self):
+        return self.model.generation_config if "model" in self._modules else self.__dict__.get("_generation_config")
+
+    @generation_config.setter
+    def generation_config(self, value):
+        if "model" in self._modules:
+            self.model.generation_config = value
+        else:
+            self.__dict__["_generation_config"] = value
+
+
+TASK_CLASSES: tuple[type[RMTKDPreTrainedModel], ...] = (
+    RMTKDForCausalLM,
+    RMTKDForSequenceClassification,
+    RMTKDForTokenClassification,
+    RMTKDForImageClassification,
+    RMTKDModel,
+)
+
+
+def wrapper_class_for(model: PreTrainedModel) -> type[RMTKDPreTrainedModel]:
+    """The RMTKD class whose Auto class maps `model`'s config to `model`'s class (`RMTKDModel` otherwise)."""
+    for cls in TASK_CLASSES:
+        try:
+            if cls._task_auto_class._model_mapping[type(model.config)] is type(model):
+                return cls
+        except KeyError:
+            continue
+    return RMTKDModel

@@ -1,0 +1,148 @@
+"""Where a model can be reduced: FFN inner widths and low-rank `nn.Linear` sites, and peft-style name matching."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+
+# Feed-forward blocks, as paths relative to their parent: (producers of the inner width, consumer of it).
+# The inner activation is an elementwise function of the producers' outputs, so slicing them is exact.
+FFN_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
+    "bert-style (BERT, RoBERTa, MPNet, ViT, ELECTRA)": (("intermediate.dense",), "output.dense"),
+    "distilbert": (("ffn.lin1",), "ffn.lin2"),
+    "gpt2": (("mlp.c_fc",), "mlp.c_proj"),
+    "llama-style (Llama, Mistral, Qwen2, Gemma)": (("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj"),
+    "clip/phi-style": (("mlp.fc1",), "mlp.fc2"),
+    "opt/bart-style": (("fc1",), "fc2"),
+}
+LINEAR_TYPES = (nn.Linear, Conv1D)
+SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D")
+# Linear sites default to the repeated blocks: a path with a layer index. Heads, poolers and embeddings
+# are left alone unless named explicitly.
+_BLOCK_INDEX = re.compile(r"\.\d+\.")
+
+
+@dataclass
+class Site:
+    """One reducible place in a model.
+
+    Attributes:
+        name (`str`): path of the consumer module; its input covariance drives the reduction.
+        kind (`str`): `"ffn"` (shrink the inner width of a feed-forward block) or `"linear"` (factorise).
+        producers (`list[str]`): for `"ffn"`, the modules whose outputs form the inner width.
+        dim (`int`): width `d` of the consumer's input.
+    """
+
+    name: str
+    kind: str
+    dim: int
+    producers: list[str] = field(default_factory=list)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """`(in_features, out_features)` of an `nn.Linear` or a GPT-2 `Conv1D`."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    if isinstance(module, Conv1D):
+        return module.weight.shape[0], module.weight.shape[1]
+    raise TypeError(
+        f"Module of type {type(module).__name__} cannot be reduced; supported types are {', '.join(SUPPORTED_TYPES)}."
+    )
+
+
+def _get(model: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def find_ffn_sites(model: nn.Module) -> list[Site]:
+    """Every feed-forward block whose layout matches one of `FFN_PATTERNS`."""
+    sites = []
+    for parent_name, _ in model.named_modules():
+        prefix = f"{parent_name}." if parent_name else ""
+        for producers, consumer in FFN_PATTERNS.values():
+            modules = [_get(model, prefix + rel) for rel in (*producers, consumer)]
+            if any(m is None for m in modules):
+                continue
+            if not all(isinstance(m, LINEAR_TYPES) for m in modules):
+                continue
+            widths = {linear_shape(m)[1] for m in modules[:-1]}
+            inner = linear_shape(modules[-1])[0]
+            if widths != {inner}:
+                continue
+            sites.append(Site(prefix + consumer, "ffn", inner, [prefix + p for p in producers]))
+    return sites
+
+
+def find_sites(model: nn.Module, kinds: tuple[str, ...] = ("ffn", "linear")) -> list[Site]:
+    """All default reduction sites of `model`, in forward (module registration) order.
+
+    FFN sites come from `FFN_PATTERNS`; linear sites are the remaining `nn.Linear`/`Conv1D` modules inside the
+    repeated blocks (paths with a layer index), so output heads, poolers and embeddings are never touched by default.
+    """
+    ffn = find_ffn_sites(model) if "ffn" in kinds else []
+    taken = {name for site in find_ffn_sites(model) for name in (site.name, *site.producers)}
+    sites = {site.name: site for site in ffn}
+    if "linear" in kinds:
+        for name, module in model.named_modules():
+            if isinstance(module, LINEAR_TYPES) and name not in taken and _BLOCK_INDEX.search(f".{name}."):
+                sites[name] = Site(name, "linear", linear_shape(module)[0])
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(sites.values(), key=lambda s: order[s.name])
+
+
+def _matches(name: str, target: str | list[str]) -> bool:
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in target)
+
+
+def select_sites(
+    model: nn.Module, target_modules: str | list[str] | None = None, kinds: tuple[str, ...] = ("ffn", "linear")
+) -> list[Site]:
+    """Sites chosen by `target_modules`, with peft's semantics.
+
+    Args:
+        model (`nn.Module`): the model to search.
+        target_modules (`str` or `list[str]`, *optional*): a regex matched against the full module path, or a list of
+            name suffixes (`"query"` matches `encoder.layer.0.attention.self.query`). An FFN site matches through its
+            consumer or any producer. A named module that is no default site but is an `nn.Linear` becomes a linear
+            site. `None` selects every default site of `kinds`.
+        kinds (`tuple[str, ...]`, *optional*): site kinds considered when `target_modules` is `None`.
+
+    Raises:
+        `ValueError` if `target_modules` names nothing in the model (with close matches);
+        `TypeError` if it names a module of an unsupported type.
+    """
+    if target_modules is None:
+        return find_sites(model, kinds)
+    ffn = find_ffn_sites(model)
+    in_ffn = {name for site in ffn for name in (site.name, *site.producers)}
+    chosen = {s.name: s for s in ffn if any(_matches(n, target_modules) for n in (s.name, *s.producers))}
+    for name, module in model.named_modules():
+        if not name or name in in_ffn or not _matches(name, target_modules):
+            continue
+        if isinstance(module, LINEAR_TYPES):
+            chosen[name] = Site(name, "linear", linear_shape(module)[0])
+        elif not any(isinstance(child, LINEAR_TYPES) for child in module.modules()):
+            raise TypeError(
+                f"`target_modules` selects {name!r} of type {type(module).__name__}, which cannot be reduced; "
+                f"supported types are {', '.join(SUPPORTED_TYPES)} and the FFN blocks of {', '.join(FFN_PATTERNS)}."
+            )
+    if not chosen:
+        names = [n for n, _ in model.named_modules() if n]
+        wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+        close = sorted({m for t in wanted for m in difflib.get_close_matches(t, names + [n.split(".")[-1] for n in names], 5)})
+        raise ValueError(
+            f"`target_modules`={target_modules!r} matches no module of {type(model).__name__}. "
+            f"Close matches: {close or 'none'}."
+        )
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return sorted(chosen.values(), key=lambda s: order[s.name])

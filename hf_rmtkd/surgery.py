@@ -1,0 +1,221 @@
+"""Apply retained ranks to a model: locate, replace and resize modules. No statistics are gathered here.
+
+Two entry points:
+
+* `reduce_site` computes the reduced weights of one analysed site (the data-driven step).
+* `apply_structure` rebuilds reduced *shapes* from config records alone (the loading step), before weights load.
+
+FFN inner width (`kind="ffn"`), `d_ff -> k`, two methods:
+
+* `"select"` (default): keep `k` neurons chosen by pivoted Cholesky on the post-activation covariance `C`, and
+  fold the least-squares reconstruction of the dropped neurons into the output layer:
+  `h ~ mu + B (h_S - mu_S)` with `B = C[:, S] C[S, S]^-1`, so `W2' = W2 B` and `b2' = b2 + W2 (mu - B mu_S)`. The
+  kept neurons are computed exactly (no approximation through the activation function); the only error is the
+  linear reconstruction of the dropped ones, which is optimal in mean square on the calibration data.
+* `"project"` (the paper's fold): `P` = top-`k` eigenvectors, `W1' = P W1`, `b1' = P b1`, `W2' = W2 P^T`. This does
+  not commute with the elementwise activation, so it is an approximation that self-distillation must recover.
+
+Linear factorisation (`kind="linear"`): with `P` the top-`k` eigenvectors of the input covariance,
+`W x ~ (W P^T) P x + W (mu - P^T P mu)`: exact on the retained subspace and in the mean. It is applied only where it
+saves parameters, `k (d_in + d_out) < d_in d_out`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from .layers import LowRankLinear
+from .sites import linear_shape
+
+
+FFN_METHODS = ("select", "project")
+
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, module)
+
+
+def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Weight as `(out_features, in_features)` float64, and the bias."""
+    weight = module.weight.detach().to(torch.float64)
+    if isinstance(module, Conv1D):
+        weight = weight.T
+    bias = module.bias.detach().to(torch.float64) if module.bias is not None else None
+    return weight, bias
+
+
+def _new_linear_like(module: nn.Module, in_features: int, out_features: int, bias: bool | None = None) -> nn.Module:
+    """A module of the same type, device and dtype as `module`, with new widths (values uninitialised).
+
+    `bias` defaults to whether `module` has one; `Conv1D` always has a bias.
+    """
+    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    if isinstance(module, Conv1D):
+        new = Conv1D(out_features, in_features)
+        return new.to(**factory)
+    bias = module.bias is not None if bias is None else bias
+    return nn.Linear(in_features, out_features, bias=bias, **factory)
+
+
+def _assign(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """Write a `(out, in)` weight (and bias) into an `nn.Linear` or `Conv1D`."""
+    with torch.no_grad():
+        target = weight.T if isinstance(module, Conv1D) else weight
+        module.weight.copy_(target.to(module.weight.dtype))
+        if module.bias is not None:
+            module.bias.copy_(bias.to(module.bias.dtype) if bias is not None else torch.zeros_like(module.bias))
+
+
+def saves_parameters(in_features: int, out_features: int, rank: int) -> bool:
+    """Whether a rank-`k` factorisation has fewer weights than the dense layer."""
+    return rank * (in_features + out_features) < in_features * out_features
+
+
+def apply_structure(model: nn.Module, records: dict[str, dict]) -> None:
+    """Replace modules so their shapes match `records` (from `RMTKDConfig.reduced_modules`); weights are left unset.
+
+    Raises:
+        `ValueError` naming the module if a record disagrees with the model (missing module or wrong widths).
+    """
+    for path, record in records.items():
+        try:
+            consumer = model.get_submodule(path)
+        except AttributeError as err:
+            raise ValueError(f"Reduced module {path!r} recorded in the config does not exist in {type(model).__name__}.") from err
+        in_features, out_features = linear_shape(consumer)
+        if (in_features, out_features) != (record["in_features"], record["out_features"]):
+            raise ValueError(
+                f"Reduced module {path!r}: the config records shape (in={record['in_features']}, "
+                f"out={record['out_features']}) but the base model has (in={in_features}, out={out_features})."
+            )
+        rank = record["rank"]
+        # The mean correction can give a bias-free layer a bias: the record says which.
+        bias = record.get("bias", consumer.bias is not None)
+        if record["kind"] == "linear":
+            factory = {"device": consumer.weight.device, "dtype": consumer.weight.dtype}
+            _set_module(model, path, LowRankLinear(in_features, out_features, rank, bias).to(**factory))
+            continue
+        for producer_path in record["producers"]:
+            producer = model.get_submodule(producer_path)
+            _set_module(model, producer_path, _new_linear_like(producer, linear_shape(producer)[0], rank))
+        _set_module(model, path, _new_linear_like(consumer, rank, out_features, bias))
+
+
+def pivoted_cholesky(cov: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of `k` coordinates picked greedily by largest residual variance (pivoted Cholesky), shape `(k,)`."""
+    d = cov.shape[0]
+    diag = cov.diagonal().clone()
+    factors = torch.zeros(d, k, dtype=cov.dtype)
+    picked = []
+    for j in range(k):
+        i = int(torch.argmax(diag))
+        if diag[i] <= 0:
+            # Remaining coordinates are exact linear combinations of those picked: any will do.
+            rest = [c for c in range(d) if c not in set(picked)]
+            picked.extend(rest[: k - j])
+            break
+        column = (cov[:, i] - factors[:, :j] @ factors[i, :j]) / diag[i].sqrt()
+        factors[:, j] = column
+        diag = diag - column**2
+        diag[i] = -float("inf")
+        picked.append(i)
+    return torch.tensor(picked, dtype=torch.long)
+
+
+def _reduce_ffn(model: nn.Module, site, centered: bool, method: str) -> bool:
+    stats, k = site.statistics, site.rank
+    consumer = model.get_submodule(site.name)
+    w2, b2 = _weight_and_bias(consumer)
+    producers = [(p, model.get_submodule(p)) for p in site.producers]
+    if method == "select":
+        cov = stats.covariance(centered)
+        keep = pivoted_cholesky(cov, k)
+        ridge = 1e-8 * float(cov.diagonal().mean()) * torch.eye(k, dtype=cov.dtype)
+        # B = C[:, S] C[S, S]^-1, via a solve on the symmetric (k, k) block.
+        mixing = torch.linalg.solve(cov[keep][:, keep] + ridge, cov[keep, :]).T
+        new_w2 = w2 @ mixing
+        new_b2 = b2
+        if centered:
+            mu = stats.mean
+            offset = w2 @ (mu - mixing @ mu[keep])
+            new_b2 = offset if b2 is None else b2 + offset
+        for path, module in producers:
+            w1, b1 = _weight_and_bias(module)
+            new = _new_linear_like(module, w1.shape[1], k)
+            _assign(new, w1[keep], b1[keep] if b1 is not None else None)
+            _set_module(model, path, new)
+    else:
+        projection = site.eigenvectors[:, :k].T  # (k, d_ff), orthonormal rows
+        new_w2, new_b2 = w2 @ projection.T, b2
+        for path, module in producers:
+            w1, b1 = _weight_and_bias(module)
+            new = _new_linear_like(module, w1.shape[1], k)
+            _assign(new, projection @ w1, projection @ b1 if b1 is not None else None)
+            _set_module(model, path, new)
+    new_consumer = _new_linear_like(consumer, k, w2.shape[0], bias=new_b2 is not None)
+    _assign(new_consumer, new_w2, new_b2)
+    _set_module(model, site.name, new_consumer)
+    return new_b2 is not None
+
+
+def _reduce_linear(model: nn.Module, site, centered: bool) -> bool:
+    module = model.get_submodule(site.name)
+    weight, bias = _weight_and_bias(module)
+    projection = site.eigenvectors[:, : site.rank].T  # (k, d_in)
+    new_bias = bias
+    if centered:
+        mu = site.statistics.mean
+        offset = weight @ (mu - projection.T @ (projection @ mu))
+        new_bias = offset if bias is None else bias + offset
+    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    new = LowRankLinear(weight.shape[1], weight.shape[0], site.rank, bias=new_bias is not None).to(**factory)
+    with torch.no_grad():
+        new.down.weight.copy_(projection.to(new.down.weight.dtype))
+        new.up.weight.copy_((weight @ projection.T).to(new.up.weight.dtype))
+        if new_bias is not None:
+            new.up.bias.copy_(new_bias.to(new.up.bias.dtype))
+    _set_module(model, site.name, new)
+    return new_bias is not None
+
+
+def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str = "select") -> dict | None:
+    """Reduce one analysed site of `model` in place.
+
+    Args:
+        model (`nn.Module`): the model whose module paths `site` refers to.
+        site ([`~hf_rmtkd.analysis.SiteReport`]): analysis with statistics and the retained `rank`.
+        centered (`bool`, *optional*, defaults to `True`): whether the statistics were centred (bias correction).
+        ffn_method (`str`, *optional*, defaults to `"select"`): `"select"` or `"project"` (see module docstring).
+
+    Returns:
+        The config record of the reduction, or `None` when the site was left dense (a factorisation that would not
+        save parameters, or a rank equal to the width).
+    """
+    if ffn_method not in FFN_METHODS:
+        raise ValueError(f"`ffn_method` must be one of {FFN_METHODS}, got {ffn_method!r}.")
+    in_features, out_features = linear_shape(model.get_submodule(site.name))
+    if site.rank >= site.dim:
+        return None
+    if site.kind == "linear":
+        if not saves_parameters(in_features, out_features, site.rank):
+            return None
+        bias = _reduce_linear(model, site, centered)
+    else:
+        bias = _reduce_ffn(model, site, centered, ffn_method)
+    record = {"kind": site.kind, "in_features": in_features, "out_features": out_features, "rank": site.rank, "bias": bias}
+    if site.kind == "ffn":
+        record["producers"] = list(site.producers)
+        record["ffn_method"] = ffn_method
+    record.update(
+        dim=site.dim,
+        n_samples=site.n_samples,
+        sigma2=site.sigma2,
+        lambda_plus=site.lambda_plus,
+        threshold=site.threshold,
+        retained_variance=site.retained_variance,
+    )
+    return record

