@@ -168,15 +168,27 @@ def _module_of(key: str) -> str:
     return path[len("model."):] if path.startswith("model.") else path
 
 
+def _owning_record(config: RMTKDConfig, module: str) -> str | None:
+    """The `reduced_modules` entry a module belongs to (the site itself, a part of it, or one of its producers)."""
+    for path, record in config.reduced_modules.items():
+        for owned in (path, *record.get("producers", [])):
+            if module == owned or module.startswith(owned + "."):
+                return path
+    return None
+
+
 def _raise_on_bad_weights(model: RMTKDPreTrainedModel, info: dict, source) -> None:
     """Refuse a checkpoint whose tensors do not fit the shapes its config implies."""
-    mismatched = info.get("mismatched_keys") or []
+    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda item: item[0])
     if mismatched:
-        key, saved, expected = next(iter(mismatched))
+        key, saved, expected = mismatched[0]
+        module = _module_of(key)
+        owner = _owning_record(model.config, module)
+        recorded = f" (recorded rank {model.config.reduced_modules[owner]['rank']})" if owner else ""
         raise ValueError(
-            f"Checkpoint {str(source)!r} does not match its recorded ranks: module {_module_of(key)!r} has "
-            f"{key.rsplit('.', 1)[-1]} of shape {tuple(saved)} in the checkpoint but {tuple(expected)} from the config "
-            f"({len(mismatched)} mismatched tensor(s) in all)."
+            f"Checkpoint {str(source)!r} does not match its recorded ranks: reduced module {owner or module!r}{recorded}: "
+            f"tensor {key[len('model.'):]!r} has shape {tuple(saved)} in the checkpoint but {tuple(expected)} from the "
+            f"config ({len(mismatched)} mismatched tensor(s) in all)."
         )
     missing = [k for k in info.get("missing_keys") or [] if k not in model.all_tied_weights_keys]
     if missing:
