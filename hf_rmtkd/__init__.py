@@ -22,6 +22,8 @@ from .modeling_rmtkd import (
     RMTKDPreTrainedModel,
 )
 from .mp_law import fit_spectrum, mp_density, mp_edges
+from .trainer import RMTKDTrainer
+from .training_args import RMTKDTrainingArguments
 
 
 __version__ = "0.1.0"
@@ -51,6 +53,8 @@ __all__ = [
     "RMTKDForTokenClassification",
     "RMTKDModel",
     "RMTKDPreTrainedModel",
+    "RMTKDTrainer",
+    "RMTKDTrainingArguments",
     "SiteReport",
     "SpectralOptions",
     "SpectralReport",

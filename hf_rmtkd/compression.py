@@ -43,9 +43,6 @@ def to_rmtkd(model: PreTrainedModel | RMTKDPreTrainedModel) -> RMTKDPreTrainedMo
             f"compress() needs a transformers PreTrainedModel to write the RMTKD checkpoint format, got "
             f"{type(model).__name__}; for a plain nn.Module use hf_rmtkd.analyze and hf_rmtkd.surgery.reduce_site."
         )
-    # Trained weights must survive the wrapper's post_init, which initialises every module not flagged so.
-    for module in model.modules():
-        module._is_hf_initialized = True
     config = RMTKDConfig(
         base_config=model.config.to_dict(),
         base_architecture=type(model).__name__,
@@ -53,8 +50,15 @@ def to_rmtkd(model: PreTrainedModel | RMTKDPreTrainedModel) -> RMTKDPreTrainedMo
         id2label=getattr(model.config, "id2label", None),
         label2id=getattr(model.config, "label2id", None),
     )
-    wrapper = wrapper_class_for(model)(config, model=model)
-    return wrapper.to(model.device)
+    return wrap_existing(wrapper_class_for(model), config, model).to(model.device)
+
+
+def wrap_existing(cls: type[RMTKDPreTrainedModel], config: RMTKDConfig, model: PreTrainedModel) -> RMTKDPreTrainedModel:
+    """`cls(config, model=model)` without re-initialising any of `model`'s (trained or reduced) modules."""
+    # The wrapper's post_init initialises every module not flagged as initialised; these all hold real weights.
+    for module in model.modules():
+        module._is_hf_initialized = True
+    return cls(config, model=model)
 
 
 def apply_report(

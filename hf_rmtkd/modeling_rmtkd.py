@@ -5,7 +5,6 @@ from __future__ import annotations
 import inspect
 import re
 
-import torch
 from torch import nn
 from transformers import (
     AutoModel,
@@ -36,6 +35,39 @@ def _architecture_class(name: str, config) -> type[PreTrainedModel]:
         if candidate.__name__ == name:
             return candidate
     raise ValueError(f"Unknown base architecture {name!r}: it is neither in transformers nor registered with an Auto class.")
+
+
+class _DelegatingForward:
+    """`forward` of the RMTKD classes: calls the inner model and exposes its signature.
+
+    On an instance it returns a function with the inner model's signature, so Trainer keeps the right dataset
+    columns and pipelines see the inputs they expect; the call goes through the inner module's `__call__` (its hooks
+    fire) and looks `self.model` up per call (an undone reduction swaps it). On the class it returns a generic
+    function whose `labels` parameter lets Trainer find the label names. Assigning `forward` (as accelerate does for
+    mixed precision) stores an override on the instance.
+    """
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            def forward(self, *args, labels=None, **kwargs):
+                return self.model(*args, labels=labels, **kwargs)
+
+            if objtype is not None and objtype._task_auto_class is AutoModel:
+                forward.__signature__ = inspect.signature(lambda self, *args, **kwargs: None)
+            return forward
+        override = obj.__dict__.get("_forward_override")
+        if override is not None:
+            return override
+
+        def forward(*args, **kwargs):
+            return obj.model(*args, **kwargs)
+
+        forward.__signature__ = inspect.signature(obj.model.forward)
+        forward.__doc__ = obj.model.forward.__doc__
+        return forward
+
+    def __set__(self, obj, value):
+        obj.__dict__["_forward_override"] = value
 
 
 class RMTKDPreTrainedModel(PreTrainedModel):
@@ -135,18 +167,7 @@ class RMTKDPreTrainedModel(PreTrainedModel):
         """The reduced Hugging Face model whose module paths `config.reduced_modules` refers to."""
         return self.model
 
-    @property
-    def forward(self):
-        # Exposes the inner model's signature, so Trainer keeps the right dataset columns and pipelines see the
-        # inputs they expect, while still going through the inner module's __call__ (its hooks fire).
-        inner = self.model
-
-        def forward(*args, **kwargs):
-            return inner(*args, **kwargs)
-
-        forward.__signature__ = inspect.signature(inner.forward)
-        forward.__doc__ = inner.forward.__doc__
-        return forward
+    forward = _DelegatingForward()
 
     def _init_weights(self, module: nn.Module) -> None:
         # The wrapper owns no parameters; the inner model initialises its own modules.

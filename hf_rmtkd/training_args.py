@@ -1,0 +1,153 @@
+"""`RMTKDTrainingArguments`: `TrainingArguments` plus distillation, schedule, calibration and stop rules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .mp_law import ESTIMATORS, TRACY_WIDOM_1_QUANTILES
+from .surgery import FFN_METHODS
+
+
+TEACHERS = ("self", "external")
+SCHEDULES = ("layerwise", "all_at_once")
+
+
+@dataclass
+class RMTKDTrainingArguments(TrainingArguments):
+    r"""
+    [`~transformers.TrainingArguments`] for [`RMTKDTrainer`]: self-distillation and scheduled spectral reductions.
+
+    Args:
+        distillation_alpha (`float`, *optional*, defaults to 0.7):
+            Weight of the cross-entropy in `alpha * CE + (1 - alpha) * T^2 * KL(p_old || p_new)`, in [0, 1]. 0.7 is
+            the paper's value.
+        distillation_temperature (`float`, *optional*, defaults to 1.0):
+            Softmax temperature `T` of teacher and student, > 0.
+        distillation_teacher (`str`, *optional*, defaults to `"self"`):
+            `"self"`: a frozen copy of the model taken just before each reduction (the paper's `p_old`); no copy
+            exists before the first reduction. `"external"`: the `teacher_model` passed to the trainer.
+        reduction_target_modules (`list[str]` or `str`, *optional*):
+            Sites to reduce, as `target_modules` of [`hf_rmtkd.analyze`] (name suffixes or a regex); default every
+            FFN inner width and every linear layer of the blocks.
+        reduction_schedule (`str`, *optional*, defaults to `"layerwise"`):
+            `"layerwise"`: one layer's sites per reduction, shallow to deep (the paper); `"all_at_once"`: one reduction.
+        reduction_recovery_steps (`int`, *optional*):
+            Optimizer steps of self-distillation after each reduction before the next. Default: the reductions are
+            spread evenly over the first `reduction_span` of training, leaving the rest for recovery.
+        reduction_span (`float`, *optional*, defaults to 0.5):
+            Fraction of the training steps in which the reductions happen when `reduction_recovery_steps` is unset,
+            in (0, 1].
+        reduction_warmup_steps (`int`, *optional*, defaults to 0):
+            Optimizer steps before the first reduction.
+        calibration_fraction (`float`, *optional*, defaults to 0.1):
+            Fraction of the training set used for calibration (the paper's 10%), in (0, 1].
+        calibration_samples (`int`, *optional*):
+            Number of training examples used for calibration; overrides `calibration_fraction`.
+        calibration_max_tokens (`int`, *optional*, defaults to 200000):
+            Cap on calibration tokens (samples) per site.
+        reduction_estimator (`str`, *optional*, defaults to `"bema"`):
+            Noise estimator: `"bema"`, `"mp_fit"` (the paper's) or `"quantile"`.
+        reduction_tau (`float`, *optional*, defaults to 0.5):
+            Quantile `tau` of `"mp_fit"` and `"quantile"`, in (0, 1).
+        reduction_false_alarm (`float`, *optional*, defaults to 0.001):
+            Tracy–Widom false-alarm level of the rank rule.
+        reduction_centered (`bool`, *optional*, defaults to `True`):
+            Centre activations before the covariance (`False`: the paper's uncentred covariance).
+        reduction_ffn_method (`str`, *optional*, defaults to `"select"`):
+            FFN surgery: `"select"` (neuron selection with least-squares compensation) or `"project"` (the paper's
+            fold of the projection).
+        reduction_min_rank_ratio (`float`, *optional*, defaults to 0.05):
+            Stop rule `rho_min`: no site keeps fewer than `ceil(rho_min * d)` directions, in [0, 1).
+        reduction_max_metric_drop (`float`, *optional*):
+            Stop rule `epsilon`: before each further reduction and at the end of training the eval metric is compared
+            with its value before the last reduction; a drop larger than this undoes that reduction (the model returns
+            to the pre-reduction snapshot) and stops the schedule. Needs an `eval_dataset` and the metric.
+        reduction_metric (`str`, *optional*, defaults to `"eval_loss"`):
+            Metric of the `epsilon` rule, a key of `Trainer.evaluate()` (e.g. `"eval_accuracy"` with `compute_metrics`).
+        reduction_metric_greater_is_better (`bool`, *optional*):
+            Direction of `reduction_metric`; default: `False` for losses, `True` otherwise.
+        reduction_target_params (`int`, *optional*):
+            Stop rule: no further reduction once the model has at most this many parameters.
+    """
+
+    distillation_alpha: float = field(default=0.7, metadata={"help": "Weight of CE in alpha*CE + (1-alpha)*T^2*KL."})
+    distillation_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T, > 0."})
+    distillation_teacher: str = field(default="self", metadata={"help": "'self' (pre-reduction copy) or 'external'."})
+    reduction_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Sites to reduce: name suffixes (or one regex); default every site."}
+    )
+    reduction_schedule: str = field(default="layerwise", metadata={"help": "'layerwise' or 'all_at_once'."})
+    reduction_recovery_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps after each reduction; default spreads them over reduction_span."}
+    )
+    reduction_span: float = field(default=0.5, metadata={"help": "Fraction of training in which reductions happen."})
+    reduction_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps before the first reduction."})
+    calibration_fraction: float = field(default=0.1, metadata={"help": "Fraction of the training set to calibrate on."})
+    calibration_samples: int | None = field(default=None, metadata={"help": "Examples to calibrate on (overrides the fraction)."})
+    calibration_max_tokens: int | None = field(default=200_000, metadata={"help": "Cap on calibration tokens per site."})
+    reduction_estimator: str = field(default="bema", metadata={"help": "'bema', 'mp_fit' or 'quantile'."})
+    reduction_tau: float = field(default=0.5, metadata={"help": "Quantile tau for 'mp_fit' / 'quantile'."})
+    reduction_false_alarm: float = field(default=0.001, metadata={"help": "Tracy–Widom false-alarm level."})
+    reduction_centered: bool = field(default=True, metadata={"help": "Centre activations before the covariance."})
+    reduction_ffn_method: str = field(default="select", metadata={"help": "'select' or 'project'."})
+    reduction_min_rank_ratio: float = field(default=0.05, metadata={"help": "Stop rule rho_min on k/d."})
+    reduction_max_metric_drop: float | None = field(default=None, metadata={"help": "Stop rule epsilon on the eval metric."})
+    reduction_metric: str = field(default="eval_loss", metadata={"help": "Key of evaluate() for the epsilon rule."})
+    reduction_metric_greater_is_better: bool | None = field(default=None, metadata={"help": "Direction of reduction_metric."})
+    reduction_target_params: int | None = field(default=None, metadata={"help": "Stop once parameters <= this."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        self._check_range("distillation_alpha", self.distillation_alpha, 0.0, 1.0, "[0, 1]")
+        if not self.distillation_temperature > 0:
+            raise ValueError(f"`distillation_temperature` must be > 0, got {self.distillation_temperature}.")
+        self._check_choice("distillation_teacher", self.distillation_teacher, TEACHERS)
+        self._check_choice("reduction_schedule", self.reduction_schedule, SCHEDULES)
+        self._check_choice("reduction_estimator", self.reduction_estimator, ESTIMATORS)
+        self._check_choice("reduction_ffn_method", self.reduction_ffn_method, FFN_METHODS)
+        self._check_choice("reduction_false_alarm", self.reduction_false_alarm, tuple(sorted(TRACY_WIDOM_1_QUANTILES)))
+        if self.reduction_recovery_steps is not None and self.reduction_recovery_steps < 1:
+            raise ValueError(f"`reduction_recovery_steps` must be >= 1 or None, got {self.reduction_recovery_steps}.")
+        if not 0.0 < self.reduction_span <= 1.0:
+            raise ValueError(f"`reduction_span` must be in (0, 1], got {self.reduction_span}.")
+        if self.reduction_warmup_steps < 0:
+            raise ValueError(f"`reduction_warmup_steps` must be >= 0, got {self.reduction_warmup_steps}.")
+        if not 0.0 < self.calibration_fraction <= 1.0:
+            raise ValueError(f"`calibration_fraction` must be in (0, 1], got {self.calibration_fraction}.")
+        if self.calibration_samples is not None and self.calibration_samples < 1:
+            raise ValueError(f"`calibration_samples` must be >= 1 or None, got {self.calibration_samples}.")
+        if self.calibration_max_tokens is not None and self.calibration_max_tokens < 2:
+            raise ValueError(f"`calibration_max_tokens` must be >= 2 or None, got {self.calibration_max_tokens}.")
+        if not 0.0 < self.reduction_tau < 1.0:
+            raise ValueError(f"`reduction_tau` must be in (0, 1), got {self.reduction_tau}.")
+        if not 0.0 <= self.reduction_min_rank_ratio < 1.0:
+            raise ValueError(f"`reduction_min_rank_ratio` must be in [0, 1), got {self.reduction_min_rank_ratio}.")
+        if self.reduction_max_metric_drop is not None and self.reduction_max_metric_drop < 0:
+            raise ValueError(f"`reduction_max_metric_drop` must be >= 0 or None, got {self.reduction_max_metric_drop}.")
+        if self.reduction_target_params is not None and self.reduction_target_params < 1:
+            raise ValueError(f"`reduction_target_params` must be >= 1 or None, got {self.reduction_target_params}.")
+        if self.reduction_metric_greater_is_better is None:
+            self.reduction_metric_greater_is_better = not self.reduction_metric.endswith("loss")
+
+    @staticmethod
+    def _check_range(name, value, low, high, allowed):
+        if not low <= value <= high:
+            raise ValueError(f"`{name}` must be in {allowed}, got {value}.")
+
+    @staticmethod
+    def _check_choice(name, value, allowed):
+        if value not in allowed:
+            raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
+
+    def spectral_options(self, seed: int | None = None) -> dict:
+        """Keyword arguments of [`SpectralOptions`] for the reductions."""
+        return {
+            "estimator": self.reduction_estimator,
+            "tau": self.reduction_tau,
+            "false_alarm": self.reduction_false_alarm,
+            "centered": self.reduction_centered,
+            "max_samples": self.calibration_max_tokens,
+            "seed": self.seed if seed is None else seed,
+        }
