@@ -165,11 +165,12 @@ def reduce_across_processes(stats: dict[str, ActivationStatistics]) -> None:
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return
     from accelerate import PartialState
-    from accelerate.utils import reduce
+    from accelerate.utils import DistributedType, reduce
 
-    world = torch.distributed.get_world_size()
-    if PartialState().num_processes != world:
-        # A process group accelerate does not know about (e.g. a bare `torch.distributed` launch): reduce with it.
+    state = PartialState()
+    if state.distributed_type == DistributedType.NO or state.num_processes != torch.distributed.get_world_size():
+        # A process group accelerate does not drive: accelerate 1.15 under Trainer + torchrun on CPU reports
+        # DistributedType.NO with 2 processes, and its `reduce` then silently returns the local tensor.
         def reduce(tensor, reduction):  # noqa: F811 - same contract as accelerate.utils.reduce(..., "sum")
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
             return tensor

@@ -231,7 +231,7 @@ class RMTKDTrainer(Trainer):
         self.reduction_callback.history.append(
             {"index": index, "step": self.state.global_step, "params_before": params_before,
              "params_after": params_after, "reduced": sorted(records),
-             "sites": {n: {"d": s.dim, "k": s.rank, "sigma2": s.sigma2, "lambda_plus": s.lambda_plus}
+             "sites": {n: {"d": s.dim, "k": s.rank, "n": s.n_samples, "sigma2": s.sigma2, "lambda_plus": s.lambda_plus}
                        for n, s in report.items()}}
         )
         return True
