@@ -228,3 +228,25 @@ class TestSchedule:
         assert reduction_steps(3, 100) == [0, 16, 32]
         assert reduction_steps(2, 100, warmup=10, recovery=20) == [10, 30]
         assert reduction_steps(3, 25, warmup=10, recovery=10) == [10, 20]
+
+
+def test_causal_lm_distils_per_token(tmp_path):
+    config = tiny_config("gpt2")
+    torch.manual_seed(0)
+    model = tf.GPT2LMHeadModel(config)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(2, 99, (32, 10), generator=g)
+    mask = torch.ones_like(ids)
+    mask[::2, 7:] = 0  # padded tails, masked out of CE and KL through -100 labels
+    labels = ids.masked_fill(mask == 0, -100)
+    data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
+    args = _args(tmp_path, max_steps=6, reduction_warmup_steps=1, reduction_recovery_steps=2, per_device_train_batch_size=8)
+    trainer = RMTKDTrainer(model=model, args=args, train_dataset=data)
+    start = trainer.model.num_parameters()
+    trainer.train()
+    assert type(trainer.model).__name__ == "RMTKDForCausalLM"
+    assert trainer.model.num_parameters() < start
+    kl = [log["kl_loss"] for log in trainer.state.log_history if "kl_loss" in log]
+    assert kl and all(value >= 0 for value in kl) and max(kl) > 0
+    generated = trainer.model.generate(ids[:1, :4], attention_mask=mask[:1, :4], max_new_tokens=3, do_sample=False)
+    assert generated.shape == (1, 7)
