@@ -84,7 +84,9 @@ def bbc_news(seed: int, test_fraction: float) -> tuple[list[dict], list[dict]]:
 def read_table(path: str, text_column: str, label_column: str) -> list[dict]:
     delimiter = "\t" if path.endswith((".tsv", ".tab")) else ","
     with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+        reader = csv.DictReader(
+            handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
+        )
         return [{"text": row[text_column], "label": row[label_column]} for row in reader]
 
 
@@ -98,8 +100,10 @@ def load_data(data: DataArguments, seed: int) -> tuple[list[dict], list[dict]]:
     if data.train_file:
         if not data.validation_file:
             raise ValueError("`--train_file` needs `--validation_file`.")
-        return (read_table(data.train_file, data.text_column, data.label_column),
-                read_table(data.validation_file, data.text_column, data.label_column))
+        return (
+            read_table(data.train_file, data.text_column, data.label_column),
+            read_table(data.validation_file, data.text_column, data.label_column),
+        )
     return bbc_news(seed, data.test_fraction)
 
 
@@ -149,34 +153,65 @@ def main(data: DataArguments, model_args: ModelArguments, args: RMTKDTrainingArg
     )
     out = Path(args.output_dir)
     teacher_args = TrainingArguments(
-        output_dir=str(out / "teacher"), num_train_epochs=model_args.teacher_epochs,
-        learning_rate=model_args.teacher_learning_rate, per_device_train_batch_size=args.per_device_train_batch_size,
-        per_device_eval_batch_size=args.per_device_eval_batch_size, save_strategy="no", report_to=args.report_to,
-        logging_steps=args.logging_steps, seed=args.seed, use_cpu=args.use_cpu, warmup_steps=0.06,
+        output_dir=str(out / "teacher"),
+        num_train_epochs=model_args.teacher_epochs,
+        learning_rate=model_args.teacher_learning_rate,
+        per_device_train_batch_size=args.per_device_train_batch_size,
+        per_device_eval_batch_size=args.per_device_eval_batch_size,
+        save_strategy="no",
+        report_to=args.report_to,
+        logging_steps=args.logging_steps,
+        seed=args.seed,
+        use_cpu=args.use_cpu,
+        warmup_steps=0.06,
     )
     start = time.perf_counter()
-    teacher_trainer = Trainer(model=model, args=teacher_args, train_dataset=train, eval_dataset=evaluation,
-                              data_collator=collator, compute_metrics=accuracy)
+    teacher_trainer = Trainer(
+        model=model,
+        args=teacher_args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collator,
+        compute_metrics=accuracy,
+    )
     teacher_trainer.train()
     before = teacher_trainer.evaluate()
     teacher_trainer.save_model(str(out / "teacher"))
-    before.update(params=model.num_parameters(), mb=checkpoint_mb(out / "teacher"),
-                  ms=latency_ms(model, tokenizer, eval_rows and [eval_rows[0]["text"]], data.max_length))
+    before.update(
+        params=model.num_parameters(),
+        mb=checkpoint_mb(out / "teacher"),
+        ms=latency_ms(model, tokenizer, eval_rows and [eval_rows[0]["text"]], data.max_length),
+    )
 
-    trainer = RMTKDTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation,
-                           data_collator=collator, compute_metrics=accuracy, processing_class=tokenizer)
+    trainer = RMTKDTrainer(
+        model=model,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        data_collator=collator,
+        compute_metrics=accuracy,
+        processing_class=tokenizer,
+    )
     trainer.train()
     after = trainer.evaluate()
     trainer.save_model(str(out))
-    after.update(params=trainer.model.num_parameters(), mb=checkpoint_mb(out),
-                 ms=latency_ms(trainer.model, tokenizer, [eval_rows[0]["text"]], data.max_length))
+    after.update(
+        params=trainer.model.num_parameters(),
+        mb=checkpoint_mb(out),
+        ms=latency_ms(trainer.model, tokenizer, [eval_rows[0]["text"]], data.max_length),
+    )
     wall = time.perf_counter() - start
 
     rows = [
         ("accuracy", f"{before['eval_accuracy']:.4f}", f"{after['eval_accuracy']:.4f}", ""),
         ("parameters", f"{before['params']:,}", f"{after['params']:,}", f"{after['params'] / before['params']:.2f}x"),
         ("size (MB)", f"{before['mb']:.1f}", f"{after['mb']:.1f}", f"{after['mb'] / before['mb']:.2f}x"),
-        ("latency, batch 1 (ms)", f"{before['ms']:.1f}", f"{after['ms']:.1f}", f"{before['ms'] / after['ms']:.2f}x faster"),
+        (
+            "latency, batch 1 (ms)",
+            f"{before['ms']:.1f}",
+            f"{after['ms']:.1f}",
+            f"{before['ms'] / after['ms']:.2f}x faster",
+        ),
     ]
     print(f"\n{'':24}{'teacher':>14}{'RMT-KD':>14}{'ratio':>16}")
     for name, a, b, r in rows:
@@ -191,9 +226,16 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     if "--output_dir" not in argv:
         argv += ["--output_dir", DEFAULT_OUTPUT]
-    defaults = {"--max_length": "96", "--num_train_epochs": "2", "--per_device_train_batch_size": "16",
-                "--learning_rate": "5e-5", "--logging_steps": "25", "--save_strategy": "no", "--report_to": "none",
-                "--use_cpu": "true"}
+    defaults = {
+        "--max_length": "96",
+        "--num_train_epochs": "2",
+        "--per_device_train_batch_size": "16",
+        "--learning_rate": "5e-5",
+        "--logging_steps": "25",
+        "--save_strategy": "no",
+        "--report_to": "none",
+        "--use_cpu": "true",
+    }
     for flag, value in defaults.items():
         if flag not in argv:
             argv += [flag, value]

@@ -46,7 +46,9 @@ class SpectralOptions:
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"`tau` must be in (0, 1), got {self.tau}.")
         if self.false_alarm not in TRACY_WIDOM_1_QUANTILES:
-            raise ValueError(f"`false_alarm` must be one of {sorted(TRACY_WIDOM_1_QUANTILES)}, got {self.false_alarm}.")
+            raise ValueError(
+                f"`false_alarm` must be one of {sorted(TRACY_WIDOM_1_QUANTILES)}, got {self.false_alarm}."
+            )
         if self.max_samples is not None and self.max_samples < 2:
             raise ValueError(f"`max_samples` must be >= 2 or None, got {self.max_samples}.")
         if self.min_rank < 1:
@@ -143,9 +145,7 @@ class SpectralReport(Mapping):
         return [plot_spectrum(self._sites[n], out) for n in (names or self._sites)]
 
 
-def analyze_statistics(
-    site: Site, stats: ActivationStatistics, options: SpectralOptions
-) -> SiteReport:
+def analyze_statistics(site: Site, stats: ActivationStatistics, options: SpectralOptions) -> SiteReport:
     """Eigendecompose one site's covariance and apply the MP rule."""
     cov = stats.covariance(options.centered)
     n = stats.count - 1 if options.centered else stats.count
@@ -191,7 +191,9 @@ def analyze_sites(
     model: nn.Module, calibration_data: Iterable, sites: list[Site], options: SpectralOptions, progress: bool = True
 ) -> SpectralReport:
     """Collect statistics for `sites` in one pass over the data and analyse each."""
-    stats, fingerprint = collect_statistics(model, calibration_data, [s.name for s in sites], options.max_samples, progress)
+    stats, fingerprint = collect_statistics(
+        model, calibration_data, [s.name for s in sites], options.max_samples, progress
+    )
     return SpectralReport({s.name: analyze_statistics(s, stats[s.name], options) for s in sites}, options, fingerprint)
 
 
@@ -226,4 +228,6 @@ def analyze(
     ```
     """
     inner = getattr(model, "rmtkd_inner_model", model)
-    return analyze_sites(inner, calibration_data, select_sites(inner, target_modules), SpectralOptions(**options), progress)
+    return analyze_sites(
+        inner, calibration_data, select_sites(inner, target_modules), SpectralOptions(**options), progress
+    )

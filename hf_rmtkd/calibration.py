@@ -145,8 +145,10 @@ class ActivationCollector:
         self._seen.clear()
 
     def full(self) -> bool:
-        return self.max_samples is not None and len(self.stats) == len(self._handles) and all(
-            s.count >= self.max_samples for s in self.stats.values()
+        return (
+            self.max_samples is not None
+            and len(self.stats) == len(self._handles)
+            and all(s.count >= self.max_samples for s in self.stats.values())
         )
 
     def remove(self) -> None:
@@ -229,7 +231,10 @@ def collect_statistics(
     digest = hashlib.sha256()
     was_training = model.training
     model.eval()
-    is_main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or torch.distributed.get_rank() == 0
+    is_main = (
+        not (torch.distributed.is_available() and torch.distributed.is_initialized())
+        or torch.distributed.get_rank() == 0
+    )
     batches = 0
     try:
         with torch.no_grad():

@@ -53,7 +53,9 @@ def to_rmtkd(model: PreTrainedModel | RMTKDPreTrainedModel) -> RMTKDPreTrainedMo
     return wrap_existing(wrapper_class_for(model), config, model).to(model.device)
 
 
-def wrap_existing(cls: type[RMTKDPreTrainedModel], config: RMTKDConfig, model: PreTrainedModel) -> RMTKDPreTrainedModel:
+def wrap_existing(
+    cls: type[RMTKDPreTrainedModel], config: RMTKDConfig, model: PreTrainedModel
+) -> RMTKDPreTrainedModel:
     """`cls(config, model=model)` without re-initialising any of `model`'s (trained or reduced) modules."""
     # The wrapper's post_init initialises every module not flagged as initialised; these all hold real weights.
     for module in model.modules():

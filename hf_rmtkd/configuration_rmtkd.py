@@ -82,9 +82,13 @@ class RMTKDConfig(PreTrainedConfig):
         for path, record in self.reduced_modules.items():
             missing = [key for key in _REQUIRED_RECORD_KEYS if key not in record]
             if missing:
-                raise ValueError(f"`reduced_modules[{path!r}]` is missing {missing}; every record needs {_REQUIRED_RECORD_KEYS}.")
+                raise ValueError(
+                    f"`reduced_modules[{path!r}]` is missing {missing}; every record needs {_REQUIRED_RECORD_KEYS}."
+                )
             if record["kind"] not in SITE_KINDS:
-                raise ValueError(f"`reduced_modules[{path!r}].kind` must be one of {SITE_KINDS}, got {record['kind']!r}.")
+                raise ValueError(
+                    f"`reduced_modules[{path!r}].kind` must be one of {SITE_KINDS}, got {record['kind']!r}."
+                )
             for key in ("in_features", "out_features", "rank"):
                 if not isinstance(record[key], int) or record[key] < 1:
                     raise ValueError(f"`reduced_modules[{path!r}].{key}` must be a positive int, got {record[key]!r}.")

@@ -26,15 +26,22 @@ def _architecture_class(name: str, config) -> type[PreTrainedModel]:
     cls = getattr(transformers, name, None)
     if cls is not None:
         return cls
-    for auto in (AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification,
-                 AutoModelForCausalLM, AutoModelForImageClassification):
+    for auto in (
+        AutoModel,
+        AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+        AutoModelForCausalLM,
+        AutoModelForImageClassification,
+    ):
         try:
             candidate = auto._model_mapping[type(config)]
         except KeyError:
             continue
         if candidate.__name__ == name:
             return candidate
-    raise ValueError(f"Unknown base architecture {name!r}: it is neither in transformers nor registered with an Auto class.")
+    raise ValueError(
+        f"Unknown base architecture {name!r}: it is neither in transformers nor registered with an Auto class."
+    )
 
 
 class _DelegatingForward:
@@ -49,6 +56,7 @@ class _DelegatingForward:
 
     def __get__(self, obj, objtype=None):
         if obj is None:
+
             def forward(self, *args, labels=None, **kwargs):
                 return self.model(*args, labels=labels, **kwargs)
 
@@ -127,8 +135,8 @@ class RMTKDPreTrainedModel(PreTrainedModel):
             if path.startswith(head):
                 record = dict(record)
                 if "producers" in record:
-                    record["producers"] = [p[len(head):] for p in record["producers"]]
-                records[path[len(head):]] = record
+                    record["producers"] = [p[len(head) :] for p in record["producers"]]
+                records[path[len(head) :]] = record
         return records
 
     @classmethod
@@ -140,7 +148,9 @@ class RMTKDPreTrainedModel(PreTrainedModel):
           both shapes, instead of a silently re-initialised layer.
         """
         config = kwargs.pop("config", None)
-        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        hub_kwargs = {
+            k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs
+        }
         if not isinstance(config, RMTKDConfig):
             config = RMTKDConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         _, prefix = cls._resolve_architecture(config)
@@ -186,7 +196,7 @@ class RMTKDPreTrainedModel(PreTrainedModel):
 def _module_of(key: str) -> str:
     """Module path of a parameter key, without the wrapper's `model.` prefix."""
     path = key.rsplit(".", 1)[0]
-    return path[len("model."):] if path.startswith("model.") else path
+    return path[len("model.") :] if path.startswith("model.") else path
 
 
 def _owning_record(config: RMTKDConfig, module: str) -> str | None:
@@ -208,7 +218,7 @@ def _raise_on_bad_weights(model: RMTKDPreTrainedModel, info: dict, source) -> No
         recorded = f" (recorded rank {model.config.reduced_modules[owner]['rank']})" if owner else ""
         raise ValueError(
             f"Checkpoint {str(source)!r} does not match its recorded ranks: reduced module {owner or module!r}{recorded}: "
-            f"tensor {key[len('model.'):]!r} has shape {tuple(saved)} in the checkpoint but {tuple(expected)} from the "
+            f"tensor {key[len('model.') :]!r} has shape {tuple(saved)} in the checkpoint but {tuple(expected)} from the "
             f"config ({len(mismatched)} mismatched tensor(s) in all)."
         )
     missing = [k for k in info.get("missing_keys") or [] if k not in model.all_tied_weights_keys]

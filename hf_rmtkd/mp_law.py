@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -65,7 +66,9 @@ def _unit_bulk_cdf(q: float, grid: int = 4097) -> tuple[torch.Tensor, torch.Tens
     theta = torch.linspace(0.0, math.pi, grid, dtype=torch.float64)
     x = lo + (hi - lo) * (1 - torch.cos(theta)) / 2
     f = mp_density(x, 1.0, q) * (hi - lo) * torch.sin(theta) / 2
-    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum((f[1:] + f[:-1]) / 2 * (theta[1] - theta[0]), 0)])
+    cdf = torch.cat(
+        [torch.zeros(1, dtype=torch.float64), torch.cumsum((f[1:] + f[:-1]) / 2 * (theta[1] - theta[0]), 0)]
+    )
     return x, cdf / cdf[-1]
 
 
@@ -162,6 +165,15 @@ def estimate_sigma2_mp_fit(
         sigma2 = new
         if converged:
             break
+    if not 0.101 * sigma0 < sigma2 < 9.9 * sigma0:
+        # Heavy-tailed spectra (real activations) push the fit to the edge of its range: the bound, not the data,
+        # then sets sigma2 and the rank.
+        warnings.warn(
+            f"The MP histogram fit stopped at the edge of its search range (sigma2 = {sigma2 / sigma0:.3g} x the "
+            f"tau-quantile {sigma0:.4g}): the spectrum does not look like an MP bulk, and the rank follows the bound. "
+            "Consider estimator='bema'.",
+            stacklevel=2,
+        )
     return sigma2
 
 
@@ -219,9 +231,7 @@ def tracy_widom_margin(sigma2: float, d: int, n_samples: int, false_alarm: float
         false_alarm (`float`, *optional*, defaults to 0.001): one of `TRACY_WIDOM_1_QUANTILES`.
     """
     if false_alarm not in TRACY_WIDOM_1_QUANTILES:
-        raise ValueError(
-            f"`false_alarm` must be one of {sorted(TRACY_WIDOM_1_QUANTILES)}, got {false_alarm}."
-        )
+        raise ValueError(f"`false_alarm` must be one of {sorted(TRACY_WIDOM_1_QUANTILES)}, got {false_alarm}.")
     scale = (math.sqrt(n_samples) + math.sqrt(d)) * (1 / math.sqrt(n_samples) + 1 / math.sqrt(d)) ** (1 / 3)
     return sigma2 * scale / n_samples * TRACY_WIDOM_1_QUANTILES[false_alarm]
 

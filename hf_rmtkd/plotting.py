@@ -31,10 +31,22 @@ def plot_spectrum(site, output_dir: Path) -> Path:
     upper = float(max(2.0 * site.threshold, torch.quantile(eig, 0.98)))
     shown = eig[eig <= upper]
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
-    ax.hist(shown.numpy(), bins=80, range=(0.0, upper), density=False, weights=[1.0 / (eig.numel() * upper / 80)] * shown.numel(),
-            color="#9bb7d4", label=f"eigenvalues ({eig.numel() - shown.numel()} beyond the axis)")
+    ax.hist(
+        shown.numpy(),
+        bins=80,
+        range=(0.0, upper),
+        density=False,
+        weights=[1.0 / (eig.numel() * upper / 80)] * shown.numel(),
+        color="#9bb7d4",
+        label=f"eigenvalues ({eig.numel() - shown.numel()} beyond the axis)",
+    )
     x = torch.linspace(0.0, upper, 600, dtype=torch.float64)
-    ax.plot(x.numpy(), mp_density(x, site.sigma2, site.q).numpy(), color="#c0392b", label=f"MP fit, sigma2={site.sigma2:.3g}")
+    ax.plot(
+        x.numpy(),
+        mp_density(x, site.sigma2, site.q).numpy(),
+        color="#c0392b",
+        label=f"MP fit, sigma2={site.sigma2:.3g}",
+    )
     ax.axvline(site.lambda_plus, color="#2c3e50", linestyle="--", label=f"lambda+ = {site.lambda_plus:.3g}")
     ax.axvline(site.threshold, color="#7f8c8d", linestyle=":", label="lambda+ + TW margin")
     ax.set_title(f"{site.name}\nd={site.dim}, n={site.n_samples}, kept k={site.rank}", fontsize=9)

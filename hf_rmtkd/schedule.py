@@ -54,7 +54,9 @@ class ReductionCallback(TrainerCallback, ExportableState):
     `trainer_state.json` with every checkpoint, so a resumed run continues the same schedule.
     """
 
-    def __init__(self, trainer=None, steps=None, groups=None, completed=0, stopped=False, history=None, metric_before=None):
+    def __init__(
+        self, trainer=None, steps=None, groups=None, completed=0, stopped=False, history=None, metric_before=None
+    ):
         self.trainer = trainer
         self.steps: list[int] | None = steps
         self.groups: list[list[str]] | None = groups

@@ -139,7 +139,9 @@ def select_sites(
     if not chosen:
         names = [n for n, _ in model.named_modules() if n]
         wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        close = sorted({m for t in wanted for m in difflib.get_close_matches(t, names + [n.split(".")[-1] for n in names], 5)})
+        close = sorted(
+            {m for t in wanted for m in difflib.get_close_matches(t, names + [n.split(".")[-1] for n in names], 5)}
+        )
         raise ValueError(
             f"`target_modules`={target_modules!r} matches no module of {type(model).__name__}. "
             f"Close matches: {close or 'none'}."

@@ -85,7 +85,9 @@ def apply_structure(model: nn.Module, records: dict[str, dict]) -> None:
         try:
             consumer = model.get_submodule(path)
         except AttributeError as err:
-            raise ValueError(f"Reduced module {path!r} recorded in the config does not exist in {type(model).__name__}.") from err
+            raise ValueError(
+                f"Reduced module {path!r} recorded in the config does not exist in {type(model).__name__}."
+            ) from err
         in_features, out_features = linear_shape(consumer)
         if (in_features, out_features) != (record["in_features"], record["out_features"]):
             raise ValueError(
@@ -206,7 +208,13 @@ def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str =
         bias = _reduce_linear(model, site, centered)
     else:
         bias = _reduce_ffn(model, site, centered, ffn_method)
-    record = {"kind": site.kind, "in_features": in_features, "out_features": out_features, "rank": site.rank, "bias": bias}
+    record = {
+        "kind": site.kind,
+        "in_features": in_features,
+        "out_features": out_features,
+        "rank": site.rank,
+        "bias": bias,
+    }
     if site.kind == "ffn":
         record["producers"] = list(site.producers)
         record["ffn_method"] = ffn_method

@@ -57,8 +57,15 @@ class RMTKDTrainer(Trainer):
         ),
     }
 
-    def __init__(self, model=None, args: RMTKDTrainingArguments | None = None, *pos, calibration_dataset=None,
-                 teacher_model: nn.Module | None = None, **kwargs):
+    def __init__(
+        self,
+        model=None,
+        args: RMTKDTrainingArguments | None = None,
+        *pos,
+        calibration_dataset=None,
+        teacher_model: nn.Module | None = None,
+        **kwargs,
+    ):
         if args is None:
             args = RMTKDTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, RMTKDTrainingArguments):
@@ -163,8 +170,9 @@ class RMTKDTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         # After a reduction the DDP wrapper is rebuilt; the loop's local `model` still points at the old one.
-        return super().training_step(self.model_wrapped if self.model_wrapped is not None else model, inputs,
-                                     num_items_in_batch)
+        return super().training_step(
+            self.model_wrapped if self.model_wrapped is not None else model, inputs, num_items_in_batch
+        )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Adds the mean CE and KL terms since the last training log as `ce_loss` and `kl_loss`."""
@@ -188,7 +196,9 @@ class RMTKDTrainer(Trainer):
             count = min(count, len(dataset))
             order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.args.seed))[:count]
             indices = sorted(order.tolist())
-            dataset = dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
+            dataset = (
+                dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
+            )
         # The eval loader shards the data across ranks; the statistics are summed over ranks afterwards.
         return self.get_eval_dataloader(dataset)
 
@@ -208,7 +218,11 @@ class RMTKDTrainer(Trainer):
             if self.reduction_callback.history and not self.check_metric_budget():
                 return False
             self.reduction_callback.metric_before = self._metric()
-        snapshot = self._take_snapshot() if (args.distillation_teacher == "self" or args.reduction_max_metric_drop is not None) else None
+        snapshot = (
+            self._take_snapshot()
+            if (args.distillation_teacher == "self" or args.reduction_max_metric_drop is not None)
+            else None
+        )
         if args.distillation_teacher == "self":
             self.teacher = snapshot
         self._snapshot = snapshot
@@ -220,19 +234,35 @@ class RMTKDTrainer(Trainer):
         records = apply_report(model, report, args.reduction_ffn_method)
         self._after_structure_change()
         params_after = model.num_parameters()
-        logs = {"rmtkd/reduction": float(index), "rmtkd/params_before": float(params_before),
-                "rmtkd/params_after": float(params_after)}
+        logs = {
+            "rmtkd/reduction": float(index),
+            "rmtkd/params_before": float(params_before),
+            "rmtkd/params_after": float(params_after),
+        }
         for name, site in report.items():
-            logs.update({f"rmtkd/{name}/d": float(site.dim), f"rmtkd/{name}/k": float(site.rank),
-                         f"rmtkd/{name}/sigma2": site.sigma2, f"rmtkd/{name}/lambda_plus": site.lambda_plus})
+            logs.update(
+                {
+                    f"rmtkd/{name}/d": float(site.dim),
+                    f"rmtkd/{name}/k": float(site.rank),
+                    f"rmtkd/{name}/sigma2": site.sigma2,
+                    f"rmtkd/{name}/lambda_plus": site.lambda_plus,
+                }
+            )
         self.log(logs)
         if self.is_world_process_zero():
             report.plot(Path(args.output_dir) / "spectra" / f"reduction_{index:02d}")
         self.reduction_callback.history.append(
-            {"index": index, "step": self.state.global_step, "params_before": params_before,
-             "params_after": params_after, "reduced": sorted(records),
-             "sites": {n: {"d": s.dim, "k": s.rank, "n": s.n_samples, "sigma2": s.sigma2, "lambda_plus": s.lambda_plus}
-                       for n, s in report.items()}}
+            {
+                "index": index,
+                "step": self.state.global_step,
+                "params_before": params_before,
+                "params_after": params_after,
+                "reduced": sorted(records),
+                "sites": {
+                    n: {"d": s.dim, "k": s.rank, "n": s.n_samples, "sigma2": s.sigma2, "lambda_plus": s.lambda_plus}
+                    for n, s in report.items()
+                },
+            }
         )
         return True
 
@@ -321,8 +351,12 @@ class RMTKDTrainer(Trainer):
                 raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
         if resume_from_checkpoint:
             self._restore_reductions(Path(resume_from_checkpoint))
-        return super().train(resume_from_checkpoint=resume_from_checkpoint, trial=trial,
-                             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint,
+            trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval,
+            **kwargs,
+        )
 
     def _restore_reductions(self, checkpoint: Path) -> None:
         config = json.loads((checkpoint / "config.json").read_text())

@@ -80,22 +80,33 @@ class RMTKDTrainingArguments(TrainingArguments):
     )
     reduction_schedule: str = field(default="layerwise", metadata={"help": "'layerwise' or 'all_at_once'."})
     reduction_recovery_steps: int | None = field(
-        default=None, metadata={"help": "Optimizer steps after each reduction; default spreads them over reduction_span."}
+        default=None,
+        metadata={"help": "Optimizer steps after each reduction; default spreads them over reduction_span."},
     )
     reduction_span: float = field(default=0.5, metadata={"help": "Fraction of training in which reductions happen."})
     reduction_warmup_steps: int = field(default=0, metadata={"help": "Optimizer steps before the first reduction."})
-    calibration_fraction: float = field(default=0.1, metadata={"help": "Fraction of the training set to calibrate on."})
-    calibration_samples: int | None = field(default=None, metadata={"help": "Examples to calibrate on (overrides the fraction)."})
-    calibration_max_tokens: int | None = field(default=200_000, metadata={"help": "Cap on calibration tokens per site."})
+    calibration_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of the training set to calibrate on."}
+    )
+    calibration_samples: int | None = field(
+        default=None, metadata={"help": "Examples to calibrate on (overrides the fraction)."}
+    )
+    calibration_max_tokens: int | None = field(
+        default=200_000, metadata={"help": "Cap on calibration tokens per site."}
+    )
     reduction_estimator: str = field(default="bema", metadata={"help": "'bema', 'mp_fit' or 'quantile'."})
     reduction_tau: float = field(default=0.5, metadata={"help": "Quantile tau for 'mp_fit' / 'quantile'."})
     reduction_false_alarm: float = field(default=0.001, metadata={"help": "Tracy–Widom false-alarm level."})
     reduction_centered: bool = field(default=True, metadata={"help": "Centre activations before the covariance."})
     reduction_ffn_method: str = field(default="select", metadata={"help": "'select' or 'project'."})
     reduction_min_rank_ratio: float = field(default=0.05, metadata={"help": "Stop rule rho_min on k/d."})
-    reduction_max_metric_drop: float | None = field(default=None, metadata={"help": "Stop rule epsilon on the eval metric."})
+    reduction_max_metric_drop: float | None = field(
+        default=None, metadata={"help": "Stop rule epsilon on the eval metric."}
+    )
     reduction_metric: str = field(default="eval_loss", metadata={"help": "Key of evaluate() for the epsilon rule."})
-    reduction_metric_greater_is_better: bool | None = field(default=None, metadata={"help": "Direction of reduction_metric."})
+    reduction_metric_greater_is_better: bool | None = field(
+        default=None, metadata={"help": "Direction of reduction_metric."}
+    )
     reduction_target_params: int | None = field(default=None, metadata={"help": "Stop once parameters <= this."})
 
     def __post_init__(self):
@@ -125,7 +136,9 @@ class RMTKDTrainingArguments(TrainingArguments):
         if not 0.0 <= self.reduction_min_rank_ratio < 1.0:
             raise ValueError(f"`reduction_min_rank_ratio` must be in [0, 1), got {self.reduction_min_rank_ratio}.")
         if self.reduction_max_metric_drop is not None and self.reduction_max_metric_drop < 0:
-            raise ValueError(f"`reduction_max_metric_drop` must be >= 0 or None, got {self.reduction_max_metric_drop}.")
+            raise ValueError(
+                f"`reduction_max_metric_drop` must be >= 0 or None, got {self.reduction_max_metric_drop}."
+            )
         if self.reduction_target_params is not None and self.reduction_target_params < 1:
             raise ValueError(f"`reduction_target_params` must be >= 1 or None, got {self.reduction_target_params}.")
         if self.reduction_metric_greater_is_better is None:

@@ -29,27 +29,78 @@ def tiny_config(family: str, num_labels: int = 3):
 
     common = {"num_labels": num_labels}
     if family == "bert":
-        return tf.BertConfig(vocab_size=TEXT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                             intermediate_size=37, max_position_embeddings=64, **common)
+        return tf.BertConfig(
+            vocab_size=TEXT_VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            **common,
+        )
     if family == "roberta":
-        return tf.RobertaConfig(vocab_size=TEXT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                                intermediate_size=37, max_position_embeddings=64, pad_token_id=1, **common)
+        return tf.RobertaConfig(
+            vocab_size=TEXT_VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            pad_token_id=1,
+            **common,
+        )
     if family == "distilbert":
-        return tf.DistilBertConfig(vocab_size=TEXT_VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37,
-                                   max_position_embeddings=64, **common)
+        return tf.DistilBertConfig(
+            vocab_size=TEXT_VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37, max_position_embeddings=64, **common
+        )
     if family == "mpnet":
-        return tf.MPNetConfig(vocab_size=TEXT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=37, max_position_embeddings=64, **common)
+        return tf.MPNetConfig(
+            vocab_size=TEXT_VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            **common,
+        )
     if family == "gpt2":
-        return tf.GPT2Config(vocab_size=TEXT_VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, n_inner=37,
-                             bos_token_id=0, eos_token_id=0, pad_token_id=0, **common)
+        return tf.GPT2Config(
+            vocab_size=TEXT_VOCAB,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            n_inner=37,
+            bos_token_id=0,
+            eos_token_id=0,
+            pad_token_id=0,
+            **common,
+        )
     if family == "llama":
-        return tf.LlamaConfig(vocab_size=TEXT_VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=37, max_position_embeddings=64,
-                              bos_token_id=0, eos_token_id=1, pad_token_id=0, **common)
+        return tf.LlamaConfig(
+            vocab_size=TEXT_VOCAB,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=37,
+            max_position_embeddings=64,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=0,
+            **common,
+        )
     if family == "vit":
-        return tf.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                            num_attention_heads=4, intermediate_size=37, **common)
+        return tf.ViTConfig(
+            image_size=16,
+            patch_size=4,
+            num_channels=3,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=37,
+            **common,
+        )
     raise ValueError(family)
 
 
@@ -68,7 +119,9 @@ def tiny_model(family: str, task: str = "base", seed: int = 0):
     return auto.from_config(tiny_config(family)).eval()
 
 
-def tiny_batches(family: str, n_batches: int = 6, batch_size: int = 8, seq_len: int = 12, seed: int = 0, pad: bool = True):
+def tiny_batches(
+    family: str, n_batches: int = 6, batch_size: int = 8, seq_len: int = 12, seed: int = 0, pad: bool = True
+):
     """Calibration batches for `family`: token ids with an attention mask (some padding), or pixel values."""
     g = torch.Generator().manual_seed(seed)
     batches = []

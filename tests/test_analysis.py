@@ -84,7 +84,8 @@ class TestReport:
         assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
     @pytest.mark.parametrize(
-        "field,value", [("estimator", "median"), ("tau", 1.5), ("false_alarm", 0.3), ("min_rank", 0), ("max_samples", 1)]
+        "field,value",
+        [("estimator", "median"), ("tau", 1.5), ("false_alarm", 0.3), ("min_rank", 0), ("max_samples", 1)],
     )
     def test_bad_options_raise_value_error_naming_the_field(self, field, value):
         with pytest.raises(ValueError, match=f"`{field}`"):

@@ -51,7 +51,9 @@ class TestStatistics:
 
     def test_max_samples_caps_every_module(self):
         model = _mlp()
-        stats, _ = collect_statistics(model, [torch.randn(8, 6, dtype=torch.float64)] * 10, ["0", "2"], 20, progress=False)
+        stats, _ = collect_statistics(
+            model, [torch.randn(8, 6, dtype=torch.float64)] * 10, ["0", "2"], 20, progress=False
+        )
         assert stats["0"].count == 20 and stats["2"].count == 20
 
     def test_conv_inputs_use_spatial_positions_as_samples(self):

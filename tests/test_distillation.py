@@ -60,7 +60,8 @@ def test_sums_are_divided_once_by_num_items():
     full = distillation_loss(student, labels, teacher, alpha=0.7).loss
     items = int((labels != -100).sum())
     parts = sum(
-        distillation_loss(student[i : i + 1], labels[i : i + 1], teacher[i : i + 1], 0.7, 1.0, items).loss for i in range(2)
+        distillation_loss(student[i : i + 1], labels[i : i + 1], teacher[i : i + 1], 0.7, 1.0, items).loss
+        for i in range(2)
     )
     assert torch.allclose(parts, full, atol=1e-6)
 

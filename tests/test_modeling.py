@@ -82,7 +82,9 @@ def test_base_model_class_loads_a_task_checkpoint(tmp_path):
     assert type(base).__name__ == "RMTKDModel" and type(base.model).__name__ == "BertModel"
     batch = tiny_batches("bert", 1)[0]
     with torch.no_grad():
-        assert torch.allclose(base(**batch).last_hidden_state, compressed.model.bert(**batch).last_hidden_state, atol=1e-5)
+        assert torch.allclose(
+            base(**batch).last_hidden_state, compressed.model.bert(**batch).last_hidden_state, atol=1e-5
+        )
 
 
 def _tiny_tokenizer(path):
@@ -157,8 +159,14 @@ class TestConfig:
         config = RMTKDConfig(
             base_config=tf.BertConfig(hidden_size=32, num_attention_heads=4).to_dict(),
             base_architecture="BertModel",
-            reduced_modules={"encoder.layer.0.attention.self.query": {"kind": "linear", "in_features": 32,
-                                                                      "out_features": 32, "rank": 4}},
+            reduced_modules={
+                "encoder.layer.0.attention.self.query": {
+                    "kind": "linear",
+                    "in_features": 32,
+                    "out_features": 32,
+                    "rank": 4,
+                }
+            },
         )
         config.save_pretrained(tmp_path)
         loaded = tf.AutoConfig.from_pretrained(tmp_path)
@@ -178,7 +186,9 @@ class TestConfig:
     )
     def test_bad_records_raise_value_error(self, record, match):
         with pytest.raises(ValueError, match=match):
-            RMTKDConfig(base_config={"model_type": "bert"}, base_architecture="BertModel", reduced_modules={"m": record})
+            RMTKDConfig(
+                base_config={"model_type": "bert"}, base_architecture="BertModel", reduced_modules={"m": record}
+            )
 
     def test_provenance_is_recorded(self):
         compressed = hf_rmtkd.compress(tiny_model("bert"), tiny_batches("bert"), progress=False, seed=7)

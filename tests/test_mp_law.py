@@ -63,6 +63,13 @@ class TestNoiseEstimators:
         eig = sample_eigenvalues(spiked_samples(d, int(d / q), [], sigma2=3.0, seed=1))
         assert estimator(eig, int(d / q) - 1) == pytest.approx(3.0, rel=0.05)
 
+    def test_mp_fit_warns_when_a_heavy_tail_pins_it_to_its_bound(self):
+        # A log-normal spectrum, heavy-tailed as real activations are: no MP bulk for the fit to find.
+        eig = torch.exp(1.5 * torch.randn(1536, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
+        with pytest.warns(UserWarning, match="edge of its search range"):
+            sigma2 = estimate_sigma2_mp_fit(eig, 26_000)
+        assert sigma2 == pytest.approx(10 * estimate_sigma2_quantile(eig, 26_000), rel=1e-3)
+
     def test_quantile_is_the_median_of_nonzero_eigenvalues(self):
         eig = torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0], dtype=torch.float64)
         # n = 3 samples: the two zeros are structural and skipped.

@@ -63,7 +63,9 @@ def test_minilm_compress_save_reload_with_automodel(minilm, tmp_path):
     reloaded = AutoModel.from_pretrained(tmp_path)
     assert type(reloaded).__name__ == "RMTKDModel"
     assert reloaded.num_parameters() == params_after
-    probe = dict(tokenizer(["a gripping , beautifully shot film", "dull and overlong"], padding=True, return_tensors="pt"))
+    probe = dict(
+        tokenizer(["a gripping , beautifully shot film", "dull and overlong"], padding=True, return_tensors="pt")
+    )
     with torch.no_grad():
         expected = compressed(**probe).last_hidden_state
         assert torch.allclose(reloaded(**probe).last_hidden_state, expected, atol=1e-5)

@@ -30,9 +30,19 @@ def _dataset(n=128, seq=12, seed=0):
 
 def _args(tmp_path, **overrides):
     values = dict(
-        output_dir=str(tmp_path), per_device_train_batch_size=16, per_device_eval_batch_size=32, num_train_epochs=2,
-        learning_rate=2e-3, logging_steps=2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
-        calibration_samples=64, seed=0, data_seed=0,
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        num_train_epochs=2,
+        learning_rate=2e-3,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        calibration_samples=64,
+        seed=0,
+        data_seed=0,
     )
     values.update(overrides)
     return RMTKDTrainingArguments(**values)
@@ -55,7 +65,9 @@ class TestTraining:
         assert list((tmp_path / "spectra" / "reduction_00").glob("spectrum_*.png"))
 
     def test_final_model_reloads_with_auto_class(self, tmp_path):
-        trainer = RMTKDTrainer(model=_classifier(), args=_args(tmp_path, num_train_epochs=1), train_dataset=_dataset(64))
+        trainer = RMTKDTrainer(
+            model=_classifier(), args=_args(tmp_path, num_train_epochs=1), train_dataset=_dataset(64)
+        )
         trainer.train()
         trainer.save_model(tmp_path / "final")
         reloaded = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "final")
@@ -83,15 +95,24 @@ class TestTraining:
         ids = torch.randint(5, 99, (16, 10), generator=g)
         labels = torch.randint(0, 3, (16, 10), generator=g)
         labels[torch.arange(16)[:, None] < torch.arange(10)[None, :] // 1 - torch.arange(16)[:, None] % 5] = -100
-        data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * 10] * 16, "labels": labels.tolist()})
+        data = Dataset.from_dict(
+            {"input_ids": ids.tolist(), "attention_mask": [[1] * 10] * 16, "labels": labels.tolist()}
+        )
         teacher = tf.BertForTokenClassification(config).eval()
         results = []
         for batch, accumulation in ((16, 1), (4, 4)):
             torch.manual_seed(0)
             model = tf.BertForTokenClassification(config)
-            args = _args(tmp_path / f"ga{accumulation}", per_device_train_batch_size=batch,
-                         gradient_accumulation_steps=accumulation, max_steps=2, distillation_teacher="external",
-                         reduction_warmup_steps=100, optim="sgd", learning_rate=0.5)
+            args = _args(
+                tmp_path / f"ga{accumulation}",
+                per_device_train_batch_size=batch,
+                gradient_accumulation_steps=accumulation,
+                max_steps=2,
+                distillation_teacher="external",
+                reduction_warmup_steps=100,
+                optim="sgd",
+                learning_rate=0.5,
+            )
             trainer = RMTKDTrainer(model=model, args=args, train_dataset=data, teacher_model=teacher)
             trainer.train()
             results.append({k: v.clone() for k, v in trainer.model.state_dict().items()})
@@ -99,8 +120,14 @@ class TestTraining:
         assert not torch.equal(results[0]["model.classifier.weight"], teacher.classifier.weight)
 
     def test_resumed_run_matches_uninterrupted(self, tmp_path):
-        common = dict(max_steps=8, reduction_warmup_steps=1, reduction_recovery_steps=3, save_strategy="steps",
-                      save_steps=4, learning_rate=1e-3)
+        common = dict(
+            max_steps=8,
+            reduction_warmup_steps=1,
+            reduction_recovery_steps=3,
+            save_strategy="steps",
+            save_steps=4,
+            learning_rate=1e-3,
+        )
         full = RMTKDTrainer(model=_classifier(), args=_args(tmp_path / "full", **common), train_dataset=_dataset())
         full.train()
 
@@ -108,8 +135,12 @@ class TestTraining:
             def on_step_end(self, args, state, control, **kwargs):
                 control.should_training_stop = state.global_step >= 5
 
-        cut = RMTKDTrainer(model=_classifier(), args=_args(tmp_path / "cut", **common), train_dataset=_dataset(),
-                           callbacks=[StopAt5()])
+        cut = RMTKDTrainer(
+            model=_classifier(),
+            args=_args(tmp_path / "cut", **common),
+            train_dataset=_dataset(),
+            callbacks=[StopAt5()],
+        )
         cut.train()
         # Reductions before steps 2 and 5; checkpoint-4 holds the first reduction, its teacher and the schedule.
         assert len(cut.reduction_callback.history) == 2
@@ -125,8 +156,9 @@ class TestTraining:
 
 class TestStopRules:
     def test_target_parameter_count_stops_the_schedule(self, tmp_path):
-        trainer = RMTKDTrainer(model=_classifier(), args=_args(tmp_path, reduction_target_params=10**9),
-                               train_dataset=_dataset(64))
+        trainer = RMTKDTrainer(
+            model=_classifier(), args=_args(tmp_path, reduction_target_params=10**9), train_dataset=_dataset(64)
+        )
         start = trainer.model.num_parameters()
         trainer.train()
         assert trainer.reduction_callback.history == [] and trainer.reduction_callback.stopped
@@ -134,11 +166,22 @@ class TestStopRules:
 
     def test_metric_budget_undoes_a_reduction_that_breaks_it(self, tmp_path):
         # The metric is the parameter count itself: every reduction "drops" it, so a budget of 5 is broken.
-        args = _args(tmp_path, max_steps=3, reduction_warmup_steps=0, reduction_recovery_steps=1,
-                     reduction_max_metric_drop=5.0, reduction_metric="eval_params")
+        args = _args(
+            tmp_path,
+            max_steps=3,
+            reduction_warmup_steps=0,
+            reduction_recovery_steps=1,
+            reduction_max_metric_drop=5.0,
+            reduction_metric="eval_params",
+        )
         data = _dataset(64)
-        trainer = RMTKDTrainer(model=_classifier(), args=args, train_dataset=data, eval_dataset=data,
-                               compute_metrics=lambda prediction: {"params": float(trainer.model.num_parameters())})
+        trainer = RMTKDTrainer(
+            model=_classifier(),
+            args=args,
+            train_dataset=data,
+            eval_dataset=data,
+            compute_metrics=lambda prediction: {"params": float(trainer.model.num_parameters())},
+        )
         start = trainer.model.num_parameters()
         trainer.train()
         history = trainer.reduction_callback.history
@@ -167,13 +210,15 @@ class TestBadInput:
 
     def test_target_modules_matching_nothing_lists_close_matches(self, tmp_path):
         with pytest.raises(ValueError, match="Close matches.*query"):
-            RMTKDTrainer(model=_classifier(), args=_args(tmp_path, reduction_target_modules=["quer"]),
-                         train_dataset=_dataset(8))
+            RMTKDTrainer(
+                model=_classifier(), args=_args(tmp_path, reduction_target_modules=["quer"]), train_dataset=_dataset(8)
+            )
 
     def test_metric_budget_without_eval_dataset_fails_at_construction(self, tmp_path):
         with pytest.raises(ValueError, match="needs an `eval_dataset`"):
-            RMTKDTrainer(model=_classifier(), args=_args(tmp_path, reduction_max_metric_drop=0.01),
-                         train_dataset=_dataset(8))
+            RMTKDTrainer(
+                model=_classifier(), args=_args(tmp_path, reduction_max_metric_drop=0.01), train_dataset=_dataset(8)
+            )
 
     def test_metric_budget_on_accuracy_without_compute_metrics_fails(self, tmp_path):
         args = _args(tmp_path, reduction_max_metric_drop=0.01, reduction_metric="eval_accuracy")
@@ -182,38 +227,65 @@ class TestBadInput:
 
     def test_external_teacher_required(self, tmp_path):
         with pytest.raises(ValueError, match="needs a `teacher_model`"):
-            RMTKDTrainer(model=_classifier(), args=_args(tmp_path, distillation_teacher="external"),
-                         train_dataset=_dataset(8))
+            RMTKDTrainer(
+                model=_classifier(), args=_args(tmp_path, distillation_teacher="external"), train_dataset=_dataset(8)
+            )
 
 
 class TestArguments:
     @pytest.mark.parametrize(
         "field,value",
         [
-            ("distillation_alpha", 1.2), ("distillation_temperature", 0.0), ("distillation_teacher", "ema"),
-            ("reduction_schedule", "random"), ("reduction_recovery_steps", 0), ("reduction_span", 0.0),
-            ("reduction_warmup_steps", -1), ("calibration_fraction", 0.0), ("calibration_samples", 0),
-            ("calibration_max_tokens", 1), ("reduction_estimator", "median"), ("reduction_tau", 1.0),
-            ("reduction_false_alarm", 0.2), ("reduction_ffn_method", "fold"), ("reduction_min_rank_ratio", 1.0),
-            ("reduction_max_metric_drop", -0.1), ("reduction_target_params", 0),
+            ("distillation_alpha", 1.2),
+            ("distillation_temperature", 0.0),
+            ("distillation_teacher", "ema"),
+            ("reduction_schedule", "random"),
+            ("reduction_recovery_steps", 0),
+            ("reduction_span", 0.0),
+            ("reduction_warmup_steps", -1),
+            ("calibration_fraction", 0.0),
+            ("calibration_samples", 0),
+            ("calibration_max_tokens", 1),
+            ("reduction_estimator", "median"),
+            ("reduction_tau", 1.0),
+            ("reduction_false_alarm", 0.2),
+            ("reduction_ffn_method", "fold"),
+            ("reduction_min_rank_ratio", 1.0),
+            ("reduction_max_metric_drop", -0.1),
+            ("reduction_target_params", 0),
         ],
     )
     def test_bad_value_names_field_and_value(self, tmp_path, field, value):
-        with pytest.raises(ValueError, match=f"`{field}`.*{value!r}" if isinstance(value, str) else f"`{field}`.*{value}"):
+        with pytest.raises(
+            ValueError, match=f"`{field}`.*{value!r}" if isinstance(value, str) else f"`{field}`.*{value}"
+        ):
             RMTKDTrainingArguments(output_dir=str(tmp_path), **{field: value})
 
     def test_every_field_is_documented(self):
-        own = [f.name for f in dataclasses.fields(RMTKDTrainingArguments)
-               if f.name not in {g.name for g in dataclasses.fields(tf.TrainingArguments)}]
+        own = [
+            f.name
+            for f in dataclasses.fields(RMTKDTrainingArguments)
+            if f.name not in {g.name for g in dataclasses.fields(tf.TrainingArguments)}
+        ]
         doc = inspect.getdoc(RMTKDTrainingArguments)
         assert len(own) == 21
         for name in own:
             assert f"{name} (`" in doc, name
-            assert dataclasses.fields(RMTKDTrainingArguments)[[f.name for f in dataclasses.fields(RMTKDTrainingArguments)].index(name)].metadata["help"]
+            assert dataclasses.fields(RMTKDTrainingArguments)[
+                [f.name for f in dataclasses.fields(RMTKDTrainingArguments)].index(name)
+            ].metadata["help"]
 
     def test_parsed_from_the_command_line(self, tmp_path):
         (args,) = tf.HfArgumentParser(RMTKDTrainingArguments).parse_args_into_dataclasses(
-            ["--output_dir", str(tmp_path), "--distillation_alpha", "0.5", "--reduction_target_modules", "query", "value"]
+            [
+                "--output_dir",
+                str(tmp_path),
+                "--distillation_alpha",
+                "0.5",
+                "--reduction_target_modules",
+                "query",
+                "value",
+            ]
         )
         assert args.distillation_alpha == 0.5 and args.reduction_target_modules == ["query", "value"]
 
@@ -221,7 +293,9 @@ class TestArguments:
 class TestSchedule:
     def test_layerwise_groups_shallow_to_deep(self):
         groups = layer_groups(find_sites(_classifier()), "layerwise")
-        assert len(groups) == 2 and all(".layer.0." in n for n in groups[0]) and all(".layer.1." in n for n in groups[1])
+        assert (
+            len(groups) == 2 and all(".layer.0." in n for n in groups[0]) and all(".layer.1." in n for n in groups[1])
+        )
         assert len(layer_groups(find_sites(_classifier()), "all_at_once")) == 1
 
     def test_default_steps_spread_over_the_span(self):
@@ -240,7 +314,9 @@ def test_causal_lm_distils_per_token(tmp_path):
     mask[::2, 7:] = 0  # padded tails, masked out of CE and KL through -100 labels
     labels = ids.masked_fill(mask == 0, -100)
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()})
-    args = _args(tmp_path, max_steps=6, reduction_warmup_steps=1, reduction_recovery_steps=2, per_device_train_batch_size=8)
+    args = _args(
+        tmp_path, max_steps=6, reduction_warmup_steps=1, reduction_recovery_steps=2, per_device_train_batch_size=8
+    )
     trainer = RMTKDTrainer(model=model, args=args, train_dataset=data)
     start = trainer.model.num_parameters()
     trainer.train()

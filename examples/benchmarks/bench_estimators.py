@@ -11,17 +11,14 @@ from __future__ import annotations
 
 import copy
 import csv
-import platform
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-import transformers
+from results_io import machine_line, write_results
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 
-import hf_rmtkd
 from hf_rmtkd.analysis import SpectralOptions, SpectralReport, analyze_statistics
 from hf_rmtkd.calibration import collect_statistics
 from hf_rmtkd.compression import apply_report, to_rmtkd
@@ -46,8 +43,10 @@ def main(arguments: Arguments) -> None:
     with open(Path(arguments.sst2_dir) / "train.tsv", newline="") as handle:
         rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[1 : arguments.sentences + 1]
     texts = [text for _, text in rows]
-    batches = [dict(tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
-               for i in range(0, len(texts), 64)]
+    batches = [
+        dict(tokenizer(texts[i : i + 64], padding=True, truncation=True, max_length=128, return_tensors="pt"))
+        for i in range(0, len(texts), 64)
+    ]
     model = AutoModel.from_pretrained(folder).eval()
     sites = find_sites(model)
     start = time.perf_counter()
@@ -60,8 +59,9 @@ def main(arguments: Arguments) -> None:
         start = time.perf_counter()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            report = SpectralReport({s.name: analyze_statistics(s, stats[s.name], options) for s in sites}, options,
-                                    fingerprint)
+            report = SpectralReport(
+                {s.name: analyze_statistics(s, stats[s.name], options) for s in sites}, options, fingerprint
+            )
         seconds[estimator] = time.perf_counter() - start
         compressed = to_rmtkd(copy.deepcopy(model))
         apply_report(compressed, report)
@@ -75,24 +75,28 @@ def main(arguments: Arguments) -> None:
         "Command: `python examples/benchmarks/bench_estimators.py --sst2_dir <shared>/data/sst2`.",
         f"Calibration: {arguments.sentences} SST-2 training sentences, {tokens:,} non-padding tokens, centred covariance; "
         f"one pass, {calibration_seconds:.1f} s. Post-training compression, no fine-tuning.",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, no GPU. torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, hf_rmtkd {hf_rmtkd.__version__}.",
+        machine_line(),
         "",
         "| estimator | parameters after (before " + f"{model.num_parameters():,}) | reduction | analysis time |",
         "|---|---|---|---|",
     ]
     for estimator in ESTIMATORS:
-        lines.append(f"| {estimator} | {params[estimator]:,} | {1 - params[estimator] / model.num_parameters():.1%} | "
-                     f"{seconds[estimator]:.1f} s |")
-    lines += ["", "Retained rank k per site (d = width; sigma2 in parentheses):", "",
-              "| site | d | " + " | ".join(ESTIMATORS) + " |", "|---|---|" + "---|" * len(ESTIMATORS)]
+        lines.append(
+            f"| {estimator} | {params[estimator]:,} | {1 - params[estimator] / model.num_parameters():.1%} | "
+            f"{seconds[estimator]:.1f} s |"
+        )
+    lines += [
+        "",
+        "Retained rank k per site (d = width; sigma2 in parentheses):",
+        "",
+        "| site | d | " + " | ".join(ESTIMATORS) + " |",
+        "|---|---|" + "---|" * len(ESTIMATORS),
+    ]
     for site in sites:
         cells = [f"{ranks[e][site.name][1]} ({ranks[e][site.name][2]:.3g})" for e in ESTIMATORS]
         lines.append(f"| `{site.name}` | {site.dim} | " + " | ".join(cells) + " |")
     lines += ["", "Q, K and V of a layer share one input, hence one spectrum and one rank."]
-    Path(arguments.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(arguments.output).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(arguments.output, lines)
 
 
 if __name__ == "__main__":

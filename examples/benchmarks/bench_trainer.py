@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 import transformers
 from datasets import Dataset
+from results_io import machine_line, write_results
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback
 
 import hf_rmtkd
@@ -76,9 +76,20 @@ def encoder_parameters(model) -> int:
 
 
 def common_args(output_dir: str, **overrides) -> dict:
-    values = dict(output_dir=output_dir, per_device_train_batch_size=32, per_device_eval_batch_size=64,
-                  learning_rate=5e-5, weight_decay=0.01, report_to=[], save_strategy="no", logging_steps=25,
-                  use_cpu=True, seed=0, data_seed=0, disable_tqdm=False)
+    values = dict(
+        output_dir=output_dir,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        learning_rate=5e-5,
+        weight_decay=0.01,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=25,
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=False,
+    )
     values.update(overrides)
     return values
 
@@ -95,9 +106,17 @@ def main(bench: BenchArguments) -> None:
     collator = transformers.DataCollatorWithPadding(tokenizer)
 
     # 1. The teacher: plain fine-tuning.
-    teacher_args = transformers.TrainingArguments(**common_args("runs/bench_teacher", num_train_epochs=bench.teacher_epochs))
-    teacher_trainer = Trainer(model=model, args=teacher_args, train_dataset=train, eval_dataset=dev,
-                              data_collator=collator, compute_metrics=accuracy)
+    teacher_args = transformers.TrainingArguments(
+        **common_args("runs/bench_teacher", num_train_epochs=bench.teacher_epochs)
+    )
+    teacher_trainer = Trainer(
+        model=model,
+        args=teacher_args,
+        train_dataset=train,
+        eval_dataset=dev,
+        data_collator=collator,
+        compute_metrics=accuracy,
+    )
     start = time.perf_counter()
     teacher_trainer.train()
     epoch_seconds = (time.perf_counter() - start) / bench.teacher_epochs
@@ -111,18 +130,32 @@ def main(bench: BenchArguments) -> None:
         student = copy.deepcopy(model)
         limits = dict(max_steps=bench.timing_steps, disable_tqdm=True, logging_steps=1000)
         if name == "trainer":
-            timed = Trainer(model=student, args=transformers.TrainingArguments(**common_args("runs/bench_t", **limits)),
-                            train_dataset=train, data_collator=collator, callbacks=[timer])
+            timed = Trainer(
+                model=student,
+                args=transformers.TrainingArguments(**common_args("runs/bench_t", **limits)),
+                train_dataset=train,
+                data_collator=collator,
+                callbacks=[timer],
+            )
         else:
-            args = RMTKDTrainingArguments(**common_args("runs/bench_r", **limits), distillation_teacher="external",
-                                          reduction_warmup_steps=10**6)
-            timed = RMTKDTrainer(model=student, args=args, train_dataset=train, data_collator=collator,
-                                 callbacks=[timer], teacher_model=copy.deepcopy(model))
+            args = RMTKDTrainingArguments(
+                **common_args("runs/bench_r", **limits), distillation_teacher="external", reduction_warmup_steps=10**6
+            )
+            timed = RMTKDTrainer(
+                model=student,
+                args=args,
+                train_dataset=train,
+                data_collator=collator,
+                callbacks=[timer],
+                teacher_model=copy.deepcopy(model),
+            )
         timed.train()
         timers[name] = statistics.median(timer.times[2:])  # the first steps warm up allocators and threads
 
     # 3. One reduction of every site against one epoch of training.
-    calibration = read_sst2(Path(bench.sst2_dir) / "train.tsv", tokenizer, bench.max_length, bench.train_samples // 10, 1)
+    calibration = read_sst2(
+        Path(bench.sst2_dir) / "train.tsv", tokenizer, bench.max_length, bench.train_samples // 10, 1
+    )
     loader = torch.utils.data.DataLoader(calibration.remove_columns("labels"), batch_size=64, collate_fn=collator)
     start = time.perf_counter()
     hf_rmtkd.compress(copy.deepcopy(model), loader, progress=False)
@@ -130,8 +163,9 @@ def main(bench: BenchArguments) -> None:
 
     # 4. Compression with RMTKDTrainer: every FFN and attention projection, layer by layer.
     args = RMTKDTrainingArguments(**common_args("runs/bench_rmtkd", num_train_epochs=bench.rmtkd_epochs))
-    trainer = RMTKDTrainer(model=model, args=args, train_dataset=train, eval_dataset=dev, data_collator=collator,
-                           compute_metrics=accuracy)
+    trainer = RMTKDTrainer(
+        model=model, args=args, train_dataset=train, eval_dataset=dev, data_collator=collator, compute_metrics=accuracy
+    )
     start = time.perf_counter()
     trainer.train()
     wall = time.perf_counter() - start
@@ -145,9 +179,7 @@ def main(bench: BenchArguments) -> None:
         "",
         f"Command: `python examples/benchmarks/bench_trainer.py --sst2_dir <shared>/data/sst2` "
         f"(train {len(train)} sentences, seeded subset of the 67,349; dev: the full {len(dev)}).",
-        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads ({platform.processor() or 'cpu'}), "
-        f"no GPU. Versions: torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"hf_rmtkd {hf_rmtkd.__version__}, Python {platform.python_version()}.",
+        machine_line(),
         "",
         "| measure | value |",
         "|---|---|",
@@ -177,9 +209,7 @@ def main(bench: BenchArguments) -> None:
     ]
     for name, record in trainer.model.config.reduced_modules.items():
         lines.append(f"- `{name}` ({record['kind']}): {record['dim']} -> {record['rank']}")
-    Path(bench.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(bench.output).write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_results(bench.output, lines)
 
 
 if __name__ == "__main__":

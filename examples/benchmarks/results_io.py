@@ -1,0 +1,27 @@
+"""Shared by the benchmark scripts: the machine line and writing a results file."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import torch
+import transformers
+
+import hf_rmtkd
+
+
+def machine_line() -> str:
+    """Machine, threads, accelerator and library versions, for the top of a results file."""
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (
+        f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, {gpu}. Versions: torch {torch.__version__}, "
+        f"transformers {transformers.__version__}, hf_rmtkd {hf_rmtkd.__version__}, Python {platform.python_version()}."
+    )
+
+
+def write_results(path: str, lines: list[str]) -> None:
+    """Write the results file (creating its folder) and echo it."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
