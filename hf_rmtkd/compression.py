@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable
 
+import torch
 from torch import nn
 from transformers import PreTrainedModel
 
@@ -73,7 +75,10 @@ def apply_report(
     """
     options = report.options
     records = {}
+    spectra = model.__dict__.setdefault("rmtkd_spectra", {})
     for name in names or list(report):
+        # Keep what the card's plots need, not the (d, d) eigenvectors and sums.
+        spectra[name] = dataclasses.replace(report[name], eigenvectors=torch.empty(0), statistics=None)
         record = reduce_site(model.model, report[name], options.centered, ffn_method)
         if record is None:
             continue

@@ -1,4 +1,9 @@
-"""RMTKD model classes: rebuild the reduced shapes of any supported architecture from `RMTKDConfig` alone."""
+"""RMTKD model classes: rebuild the reduced shapes of any supported architecture from `RMTKDConfig` alone.
+
+This file and the ones it imports relatively (configuration_rmtkd, surgery, layers, sites) are copied next to every
+saved checkpoint, so it also loads with `trust_remote_code=True` where hf_rmtkd is not installed: keep their imports
+to torch, transformers and each other.
+"""
 
 from __future__ import annotations
 
@@ -14,9 +19,21 @@ from transformers import (
     AutoModelForTokenClassification,
     PreTrainedModel,
 )
+from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_rmtkd import RMTKDConfig
 from .surgery import apply_structure
+
+
+# Written into every saved config: where the classes live in the code files that travel with the checkpoint.
+AUTO_MAP = {
+    "AutoConfig": "configuration_rmtkd.RMTKDConfig",
+    "AutoModel": "modeling_rmtkd.RMTKDModel",
+    "AutoModelForSequenceClassification": "modeling_rmtkd.RMTKDForSequenceClassification",
+    "AutoModelForTokenClassification": "modeling_rmtkd.RMTKDForTokenClassification",
+    "AutoModelForCausalLM": "modeling_rmtkd.RMTKDForCausalLM",
+    "AutoModelForImageClassification": "modeling_rmtkd.RMTKDForImageClassification",
+}
 
 
 def _architecture_class(name: str, config) -> type[PreTrainedModel]:
@@ -103,6 +120,9 @@ class RMTKDPreTrainedModel(PreTrainedModel):
             apply_structure(model, self._records_for(config, prefix))
         self.model = model
         self.main_input_name = getattr(model, "main_input_name", "input_ids")
+        # Spectra of the reductions made in this session (module path -> SiteReport without eigenvectors), for the
+        # model card's plots; not saved with the weights.
+        self.rmtkd_spectra: dict = {}
         self.post_init()
 
     # -- architecture resolution -------------------------------------------------------------------------------
@@ -170,6 +190,61 @@ class RMTKDPreTrainedModel(PreTrainedModel):
         if not user_ignores_mismatch:
             _raise_on_bad_weights(model, info, pretrained_model_name_or_path)
         return (model, info) if want_info else model
+
+    def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
+        """As [`~transformers.PreTrainedModel.save_pretrained`], plus the model code.
+
+        The config gets an `auto_map` and the code files (`configuration_rmtkd.py`, `modeling_rmtkd.py` and the
+        modules they import) are copied beside the weights, so the folder (or a Hub repo made from it) also loads with
+        `AutoModelFor<Task>.from_pretrained(path, trust_remote_code=True)` on a machine without hf_rmtkd.
+        """
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
+        if is_main_process:
+            custom_object_save(self, save_directory)
+
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+        model_card_kwargs: dict | None = None,
+    ):
+        """Upload weights, config, model code, the RMT-KD model card and the spectrum plots to `repo_id`.
+
+        Same arguments as [`~transformers.PreTrainedModel.push_to_hub`], plus `model_card_kwargs`, passed to
+        [`hf_rmtkd.model_card.build_model_card`] (`base_model`, `datasets`, `metrics`, `latency_ratio`, ...).
+        Unchanged files are not uploaded again, and a push that changes nothing makes no commit.
+
+        Returns:
+            `huggingface_hub.CommitInfo` of the commit (or of the current head when nothing changed).
+        """
+        try:
+            from hf_rmtkd.hub import push_model_to_hub
+        except ImportError as error:
+            raise ImportError(
+                "Pushing an RMTKD model with its model card needs hf_rmtkd: pip install hf_rmtkd."
+            ) from error
+        return push_model_to_hub(
+            self,
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            max_shard_size=max_shard_size,
+            tags=tags,
+            model_card_kwargs=model_card_kwargs,
+        )
 
     # -- delegation ---------------------------------------------------------------------------------------------
     @property

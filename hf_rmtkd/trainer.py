@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import inspect
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .analysis import SpectralOptions, analyze_sites
 from .compression import apply_report, to_rmtkd, wrap_existing
 from .distillation import distillation_loss
+from .model_card import build_model_card, metrics_from_log_history, spectrum_plots
 from .modeling_rmtkd import RMTKDForCausalLM, RMTKDPreTrainedModel
 from .schedule import ReductionCallback, layer_groups
 from .sites import select_sites
@@ -23,6 +25,7 @@ from .surgery import apply_structure
 from .training_args import RMTKDTrainingArguments
 
 
+logger = logging.getLogger(__name__)
 TEACHER_DIR = "rmtkd_teacher"
 
 
@@ -342,6 +345,48 @@ class RMTKDTrainer(Trainer):
         if self.teacher is not None and self.args.distillation_teacher == "self" and self.is_world_process_zero():
             folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / TEACHER_DIR
             self.teacher.save_pretrained(folder)
+
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+        latency_ratio: float | None = None,
+    ) -> None:
+        """Write the RMT-KD model card (`README.md`) to `output_dir`, on the main process only.
+
+        Metrics before compression are the first evaluation logged before the first reduction, metrics after the last
+        evaluation; the spectrum plots are those written under `output_dir/spectra`. Anything not measured shows as
+        unknown. A failure here is logged, never raised: it must not cost a finished training run its upload.
+        """
+        if not self.is_world_process_zero():
+            return
+        try:
+            history = self.reduction_callback.history
+            first_step = history[0]["step"] if history else None
+            if isinstance(tags, str):
+                tags = [tags]
+            card = build_model_card(
+                self.accelerator.unwrap_model(self.model),
+                repo_id=self.hub_model_id,
+                base_model=finetuned_from,
+                datasets=dataset_tags or dataset,
+                metrics=metrics_from_log_history(self.state.log_history, first_step),
+                latency_ratio=latency_ratio,
+                plots=spectrum_plots(self.args.output_dir),
+                tags=[*self._tag_names, *(tags or [])],
+                model_name=model_name,
+                license=license,
+            )
+            card.save(Path(self.args.output_dir) / "README.md")
+        except Exception as error:
+            logger.error("Could not write the RMT-KD model card: %s. The model itself is saved.", error)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """As [`~transformers.Trainer.train`]; resuming first rebuilds the reduced shapes, schedule and teacher."""

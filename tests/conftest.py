@@ -2,17 +2,33 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 
-import pytest
-import torch
+from hub_server import start_server
 
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The Hub client reads HF_ENDPOINT once, when it is imported: point it at a loopback server before anything imports
+# it. Every Hub call of the suite then goes to 127.0.0.1, never to the internet.
+if "huggingface_hub" in sys.modules:
+    raise RuntimeError("huggingface_hub was imported before tests/conftest.py could point it at the test Hub server.")
+_HUB_ROOT = Path(tempfile.mkdtemp(prefix="hf-rmtkd-hub-"))
+HUB = start_server(_HUB_ROOT / "storage")
+atexit.register(HUB.stop)
+os.environ["HF_ENDPOINT"] = HUB.url
+os.environ["HF_TOKEN"] = "hf_testtoken"
+os.environ["HF_HOME"] = str(_HUB_ROOT / "hf_home")
+os.environ.pop("HF_HUB_OFFLINE", None)  # offline mode would block the loopback server too
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("HF_RMTKD_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -160,3 +176,7 @@ def _deprecations_are_errors():
     with warnings.catch_warnings():
         warnings.filterwarnings("error", category=FutureWarning, module=r"hf_rmtkd\..*")
         yield
+
+
+def pytest_unconfigure(config):
+    HUB.stop()

@@ -27,6 +27,12 @@ def test_two_process_ddp_reduction_equals_single_process(tmp_path):
     double = _run([*torchrun, str(JOB), str(tmp_path)], tmp_path)
     assert "world_size=2 rank=0" in double and "world_size=2 rank=1" in double
 
+    # The model card and the spectrum plots are written by the main process only.
+    assert (tmp_path / "run_rank0" / "README.md").exists()
+    assert list((tmp_path / "run_rank0" / "spectra").glob("*/*.png"))
+    assert not (tmp_path / "run_rank1" / "README.md").exists()
+    assert not (tmp_path / "run_rank1" / "spectra").exists()
+
     reference = json.loads((tmp_path / "ranks_world1_rank0.json").read_text())
     weights = torch.load(tmp_path / "weights_world1_rank0.pt")
     for rank in (0, 1):

@@ -36,7 +36,8 @@ def main(out: Path) -> None:
         {"input_ids": ids.tolist(), "attention_mask": [[1] * 12] * 64, "labels": (ids[:, 1] > 52).long().tolist()}
     )
     args = RMTKDTrainingArguments(
-        output_dir=str(out / "run"),
+        # One folder per rank: what each process writes (card, plots) shows up separately.
+        output_dir=str(out / f"run_rank{os.environ.get('RANK', '0')}"),
         per_device_train_batch_size=8,
         per_device_eval_batch_size=8,
         max_steps=1,
@@ -56,6 +57,7 @@ def main(out: Path) -> None:
     )
     trainer = RMTKDTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
+    trainer.create_model_card(model_name="ddp-job")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
     ranks = {name: record["rank"] for name, record in trainer.model.config.reduced_modules.items()}
