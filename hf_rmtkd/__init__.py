@@ -21,6 +21,7 @@ from .modeling_rmtkd import (
     RMTKDModel,
     RMTKDPreTrainedModel,
 )
+from .models.resnet_cifar import ResNetCifarConfig, ResNetCifarForImageClassification
 from .mp_law import fit_spectrum, mp_density, mp_edges
 from .trainer import RMTKDTrainer
 from .training_args import RMTKDTrainingArguments
@@ -32,6 +33,8 @@ __version__ = "0.1.0"
 def _register() -> None:
     """Make `AutoConfig` and the `AutoModel*` classes resolve `model_type="rmtkd"` checkpoints."""
     AutoConfig.register("rmtkd", RMTKDConfig, exist_ok=True)
+    AutoConfig.register("resnet_cifar", ResNetCifarConfig, exist_ok=True)
+    AutoModelForImageClassification.register(ResNetCifarConfig, ResNetCifarForImageClassification, exist_ok=True)
     for auto, cls in (
         (AutoModel, RMTKDModel),
         (AutoModelForSequenceClassification, RMTKDForSequenceClassification),
@@ -55,6 +58,8 @@ __all__ = [
     "RMTKDPreTrainedModel",
     "RMTKDTrainer",
     "RMTKDTrainingArguments",
+    "ResNetCifarConfig",
+    "ResNetCifarForImageClassification",
     "SiteReport",
     "SpectralOptions",
     "SpectralReport",

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import re
 
 from transformers import TrainerCallback
@@ -11,21 +10,27 @@ from transformers.trainer_callback import ExportableState
 from .sites import Site
 
 
-_LAYER_INDEX = re.compile(r"\.(\d+)\.")
+# Shortest path prefix that ends in a numeric component: the repeated block a site sits in.
+_BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")
 
 
 def layer_groups(sites: list[Site], schedule: str) -> list[list[str]]:
-    """Site names grouped per reduction: one group per layer index, shallow to deep, or a single group.
+    """Site names grouped per reduction: one group per block, shallow to deep, or a single group.
 
-    Sites outside any numbered layer form a last group of their own.
+    A site's block is its path up to the first numeric component (`bert.encoder.layer.3`, `layer2.0`); blocks come in
+    the order of `sites` (forward order). Sites outside any numbered block form a last group of their own.
     """
     if schedule == "all_at_once":
         return [[s.name for s in sites]] if sites else []
-    by_layer: dict[int, list[str]] = {}
+    by_block: dict[str, list[str]] = {}
+    loose = []
     for site in sites:
-        match = _LAYER_INDEX.search(f".{site.name}.")
-        by_layer.setdefault(int(match.group(1)) if match else math.inf, []).append(site.name)
-    return [by_layer[key] for key in sorted(by_layer)]
+        match = _BLOCK_PREFIX.match(site.name)
+        if match:
+            by_block.setdefault(match.group(1), []).append(site.name)
+        else:
+            loose.append(site.name)
+    return list(by_block.values()) + ([loose] if loose else [])
 
 
 def reduction_steps(

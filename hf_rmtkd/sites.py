@@ -1,4 +1,4 @@
-"""Where a model can be reduced: FFN inner widths and low-rank `nn.Linear` sites, and peft-style name matching."""
+"""Where a model can be reduced: FFN and conv-block inner widths, low-rank `nn.Linear` sites, peft-style matching."""
 
 from __future__ import annotations
 
@@ -20,7 +20,13 @@ FFN_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
     "clip/phi-style": (("mlp.fc1",), "mlp.fc2"),
     "opt/bart-style": (("fc1",), "fc2"),
 }
+# Convolutional blocks: the inner channels are an elementwise function (BatchNorm, ReLU) of `conv1`'s output, so
+# slicing channels is exact; the activation covariance is taken over spatial positions (the paper's CNN site).
+CONV_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
+    "resnet basic block": (("conv1", "bn1"), "conv2"),
+}
 LINEAR_TYPES = (nn.Linear, Conv1D)
+CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d)
 SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D")
 # Linear sites default to the repeated blocks: a path with a layer index. Heads, poolers and embeddings
 # are left alone unless named explicitly.
@@ -45,11 +51,15 @@ class Site:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """`(in_features, out_features)` of an `nn.Linear` or a GPT-2 `Conv1D`."""
+    """`(in_features, out_features)` of an `nn.Linear` or a GPT-2 `Conv1D`; channels of an `nn.Conv2d`/`BatchNorm2d`."""
     if isinstance(module, nn.Linear):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
+    if isinstance(module, nn.Conv2d):
+        return module.in_channels, module.out_channels
+    if isinstance(module, nn.BatchNorm2d):
+        return module.num_features, module.num_features
     raise TypeError(
         f"Module of type {type(module).__name__} cannot be reduced; supported types are {', '.join(SUPPORTED_TYPES)}."
     )
@@ -62,16 +72,26 @@ def _get(model: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
+def _block_types_match(modules: list[nn.Module], conv: bool) -> bool:
+    if not conv:
+        return all(isinstance(m, LINEAR_TYPES) for m in modules)
+    convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+    return (
+        isinstance(modules[-1], nn.Conv2d)
+        and all(isinstance(m, CONV_TYPES) for m in modules)
+        and all(m.groups == 1 for m in convs)
+    )
+
+
 def find_ffn_sites(model: nn.Module) -> list[Site]:
-    """Every feed-forward block whose layout matches one of `FFN_PATTERNS`."""
+    """Every block inner width whose layout matches one of `FFN_PATTERNS` or `CONV_PATTERNS` (kind `"ffn"`)."""
+    patterns = [(p, c, False) for p, c in FFN_PATTERNS.values()] + [(p, c, True) for p, c in CONV_PATTERNS.values()]
     sites = []
     for parent_name, _ in model.named_modules():
         prefix = f"{parent_name}." if parent_name else ""
-        for producers, consumer in FFN_PATTERNS.values():
+        for producers, consumer, conv in patterns:
             modules = [_get(model, prefix + rel) for rel in (*producers, consumer)]
-            if any(m is None for m in modules):
-                continue
-            if not all(isinstance(m, LINEAR_TYPES) for m in modules):
+            if any(m is None for m in modules) or not _block_types_match(modules, conv):
                 continue
             widths = {linear_shape(m)[1] for m in modules[:-1]}
             inner = linear_shape(modules[-1])[0]
@@ -134,7 +154,7 @@ def select_sites(
         elif not any(isinstance(child, LINEAR_TYPES) for child in module.modules()):
             raise TypeError(
                 f"`target_modules` selects {name!r} of type {type(module).__name__}, which cannot be reduced; "
-                f"supported types are {', '.join(SUPPORTED_TYPES)} and the FFN blocks of {', '.join(FFN_PATTERNS)}."
+                f"supported types are {', '.join(SUPPORTED_TYPES)} and the blocks of {', '.join([*FFN_PATTERNS, *CONV_PATTERNS])}."
             )
     if not chosen:
         names = [n for n, _ in model.named_modules() if n]

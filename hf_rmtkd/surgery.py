@@ -15,6 +15,12 @@ FFN inner width (`kind="ffn"`), `d_ff -> k`, two methods:
 * `"project"` (the paper's fold): `P` = top-`k` eigenvectors, `W1' = P W1`, `b1' = P b1`, `W2' = W2 P^T`. This does
   not commute with the elementwise activation, so it is an approximation that self-distillation must recover.
 
+Convolutional blocks (a ResNet basic block: `conv1 -> bn1 -> ReLU -> conv2`) are `kind="ffn"` sites too, with the
+covariance taken over spatial positions: `"select"` keeps `k` channels of `conv1`/`bn1` and mixes the dropped ones
+into `conv2`'s kernels. The mean correction becomes a bias of `conv2`; it is exact away from the image border, where
+zero padding sees part of the constant (a small approximation that distillation recovers). `"project"` is not
+defined there (BatchNorm and ReLU sit between the convolutions).
+
 Linear factorisation (`kind="linear"`): with `P` the top-`k` eigenvectors of the input covariance,
 `W x ~ (W P^T) P x + W (mu - P^T P mu)`: exact on the retained subspace and in the mean. It is applied only where it
 saves parameters, `k (d_in + d_out) < d_in d_out`.
@@ -36,24 +42,46 @@ FFN_METHODS = ("select", "project")
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
+    # A new module starts in training mode; BatchNorm would then switch to batch statistics in an eval-mode model.
+    module.train(getattr(parent, child).training)
     setattr(parent, child, module)
 
 
 def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Weight as `(out_features, in_features)` float64, and the bias."""
-    weight = module.weight.detach().to(torch.float64)
+    """Weight as `(out_features, in_features)` float64 (`(out, in, kh, kw)` for a convolution), and the bias."""
+    # Surgery runs on the CPU in float64, beside the statistics; `_assign` copies results back to the module's device.
+    weight = module.weight.detach().to(device="cpu", dtype=torch.float64)
     if isinstance(module, Conv1D):
         weight = weight.T
-    bias = module.bias.detach().to(torch.float64) if module.bias is not None else None
+    bias = module.bias.detach().to(device="cpu", dtype=torch.float64) if module.bias is not None else None
     return weight, bias
 
 
 def _new_linear_like(module: nn.Module, in_features: int, out_features: int, bias: bool | None = None) -> nn.Module:
     """A module of the same type, device and dtype as `module`, with new widths (values uninitialised).
 
-    `bias` defaults to whether `module` has one; `Conv1D` always has a bias.
+    `bias` defaults to whether `module` has one; `Conv1D` always has a bias. Convolutions keep their kernel, stride
+    and padding; a `BatchNorm2d` gets `out_features` channels.
     """
     factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    if isinstance(module, nn.BatchNorm2d):
+        return nn.BatchNorm2d(
+            out_features, module.eps, module.momentum, module.affine, module.track_running_stats, **factory
+        )
+    if isinstance(module, nn.Conv2d):
+        bias = module.bias is not None if bias is None else bias
+        return nn.Conv2d(
+            in_features,
+            out_features,
+            module.kernel_size,
+            module.stride,
+            module.padding,
+            module.dilation,
+            module.groups,
+            bias,
+            module.padding_mode,
+            **factory,
+        )
     if isinstance(module, Conv1D):
         new = Conv1D(out_features, in_features)
         return new.to(**factory)
@@ -128,28 +156,56 @@ def pivoted_cholesky(cov: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(picked, dtype=torch.long)
 
 
+def _sliced_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
+    """A copy of a producer (`Linear`, `Conv1D`, `Conv2d`, `BatchNorm2d`) keeping only the output units `keep`."""
+    new = _new_linear_like(module, linear_shape(module)[0], len(keep))
+    if isinstance(module, nn.BatchNorm2d):
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                if getattr(module, name) is not None:
+                    getattr(new, name).copy_(getattr(module, name)[keep])
+            if module.num_batches_tracked is not None:
+                new.num_batches_tracked.copy_(module.num_batches_tracked)
+        return new
+    w1, b1 = _weight_and_bias(module)
+    _assign(new, w1[keep], b1[keep] if b1 is not None else None)
+    return new
+
+
+def _mix_inputs(weight: torch.Tensor, mixing: torch.Tensor) -> torch.Tensor:
+    """`weight` applied after `mixing`: `(out, d)` x `(d, k)` -> `(out, k)`; convolution kernels channel-wise."""
+    return torch.einsum("ocyx,cj->ojyx", weight, mixing) if weight.dim() == 4 else weight @ mixing
+
+
+def _response_to_constant(weight: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Output of the layer for a constant input `value` of shape `(d,)` (a convolution: away from the border)."""
+    return weight.sum(dim=(2, 3)) @ value if weight.dim() == 4 else weight @ value
+
+
 def _reduce_ffn(model: nn.Module, site, centered: bool, method: str) -> bool:
     stats, k = site.statistics, site.rank
     consumer = model.get_submodule(site.name)
     w2, b2 = _weight_and_bias(consumer)
     producers = [(p, model.get_submodule(p)) for p in site.producers]
+    if method == "project" and isinstance(consumer, nn.Conv2d):
+        raise ValueError(
+            f"`ffn_method='project'` is not defined for the convolutional block {site.name!r} (BatchNorm and ReLU sit "
+            "between its convolutions); use 'select'."
+        )
     if method == "select":
         cov = stats.covariance(centered)
         keep = pivoted_cholesky(cov, k)
         ridge = 1e-8 * float(cov.diagonal().mean()) * torch.eye(k, dtype=cov.dtype)
         # B = C[:, S] C[S, S]^-1, via a solve on the symmetric (k, k) block.
         mixing = torch.linalg.solve(cov[keep][:, keep] + ridge, cov[keep, :]).T
-        new_w2 = w2 @ mixing
+        new_w2 = _mix_inputs(w2, mixing)
         new_b2 = b2
         if centered:
             mu = stats.mean
-            offset = w2 @ (mu - mixing @ mu[keep])
+            offset = _response_to_constant(w2, mu - mixing @ mu[keep])
             new_b2 = offset if b2 is None else b2 + offset
         for path, module in producers:
-            w1, b1 = _weight_and_bias(module)
-            new = _new_linear_like(module, w1.shape[1], k)
-            _assign(new, w1[keep], b1[keep] if b1 is not None else None)
-            _set_module(model, path, new)
+            _set_module(model, path, _sliced_channels(module, keep))
     else:
         projection = site.eigenvectors[:, :k].T  # (k, d_ff), orthonormal rows
         new_w2, new_b2 = w2 @ projection.T, b2

@@ -1,0 +1,236 @@
+"""Fine-tune a CIFAR-10 ResNet on the JPEG copy of CIFAR-10, compress it with RMTKDTrainer, and report before/after.
+
+RMT-KD's CNN site: the inner channels of every residual block (conv1 -> BN -> ReLU -> conv2), with the activation
+covariance taken over spatial positions. The checkpoints are akamaster/pytorch_resnet_cifar10's (ResNet-20/56), the
+data the parquet files of `cifar10_jpeg` (JPEG bytes and labels). From the repository root, with ../shared/data:
+
+    python examples/compress_image_classification.py \\
+        --checkpoint ../shared/data/resnet_cifar10/resnet56-4bfd9763.th --data_dir ../shared/data/cifar10_jpeg \\
+        --output_dir outputs/resnet56-rmtkd --results_file examples/benchmarks/results/resnet56_cifar10_jpeg.md
+
+A GPU makes this minutes; on 2 CPU cores use `--max_train_samples 5000 --finetune_epochs 1 --num_train_epochs 1`.
+Every `RMTKDTrainingArguments` field is a flag too (`--distillation_alpha 0.5 --reduction_estimator mp_fit ...`).
+"""
+
+from __future__ import annotations
+
+import io
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.models.resnet_cifar import load_original_checkpoint
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+from results_io import machine_line, write_results  # noqa: E402
+
+
+@dataclass
+class ModelArguments:
+    checkpoint: str = field(metadata={"help": "akamaster ResNet checkpoint, e.g. resnet56-4bfd9763.th."})
+    finetune_epochs: float = field(default=15.0, metadata={"help": "Plain fine-tuning epochs on the JPEG data."})
+    finetune_learning_rate: float = field(default=1e-3)
+
+
+@dataclass
+class DataArguments:
+    data_dir: str = field(metadata={"help": "Folder with train.parquet and test.parquet (JPEG bytes and label)."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Seeded subset of the training set."})
+    max_eval_samples: int | None = field(default=None)
+
+
+@dataclass
+class ScriptArguments:
+    results_file: str | None = field(default=None, metadata={"help": "Markdown file for the before/after table."})
+    latency_repeats: int = field(default=30)
+
+
+class CifarImages(torch.utils.data.Dataset):
+    """Decoded images `(n, 3, 32, 32)` uint8 and labels; training items get a random 4-pixel crop and a flip."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, train: bool):
+        self.images, self.labels, self.train = images, labels, train
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int) -> dict:
+        image = self.images[index].float() / 255.0
+        if self.train:
+            dy, dx = torch.randint(0, 9, (2,)).tolist()
+            image = F.pad(image, (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
+            if torch.rand(()) < 0.5:
+                image = image.flip(-1)
+        return {"pixel_values": (image - self.mean) / self.std, "labels": self.labels[index]}
+
+
+def read_split(path: Path, limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    table = pq.read_table(path)
+    order = np.random.default_rng(seed).permutation(table.num_rows)[: limit or table.num_rows]
+    column = "jpeg" if "jpeg" in table.column_names else "image"
+    blobs, labels = table.column(column).to_pylist(), table.column("label").to_numpy()
+    images = np.stack(
+        [np.asarray(Image.open(io.BytesIO(_bytes(blobs[i]))).convert("RGB")) for i in tqdm(order, desc=path.name)]
+    )
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[order]).long()
+
+
+def _bytes(blob) -> bytes:
+    return blob["bytes"] if isinstance(blob, dict) else blob
+
+
+def accuracy(prediction) -> dict:
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+@torch.no_grad()
+def latency_ms(model, batch_size: int, device: str, repeats: int) -> float:
+    """Median forward time in ms of a batch of `batch_size` 32x32 images on `device`."""
+    model = model.to(device).eval()
+    images = torch.randn(batch_size, 3, 32, 32, device=device)
+    times = []
+    for i in range(repeats + 5):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(pixel_values=images)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= 5:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
+
+
+def measure(model, trainer, eval_set, repeats: int) -> dict:
+    metrics = trainer.evaluate(eval_set)
+    row = {"accuracy": metrics["eval_accuracy"], "params": sum(p.numel() for p in model.parameters())}
+    row["mb"] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        for batch in (1, 32):
+            row[f"{device}{batch}"] = latency_ms(model, batch, device, repeats)
+    model.to(trainer.args.device)
+    return row
+
+
+def main(model_args: ModelArguments, data: DataArguments, script: ScriptArguments, args: RMTKDTrainingArguments):
+    start = time.perf_counter()
+    model = load_original_checkpoint(model_args.checkpoint)
+    mean, std = model.config.image_mean, model.config.image_std
+    train_x, train_y = read_split(Path(data.data_dir) / "train.parquet", data.max_train_samples, args.seed)
+    test_x, test_y = read_split(Path(data.data_dir) / "test.parquet", data.max_eval_samples, args.seed)
+    train = CifarImages(train_x, train_y, mean, std, train=True)
+    test = CifarImages(test_x, test_y, mean, std, train=False)
+
+    # 1. The teacher: the published checkpoint fine-tuned on the JPEG copy (plain Trainer, cross-entropy only).
+    teacher_trainer = Trainer(
+        model=model, args=teacher_args(args, model_args), train_dataset=train, compute_metrics=accuracy
+    )
+    published = teacher_trainer.evaluate(test)["eval_accuracy"]
+    teacher_trainer.train()
+    before = measure(model, teacher_trainer, test, script.latency_repeats)
+
+    # 2. RMT-KD: every block's inner channels, shallow to deep, each reduction followed by self-distillation.
+    trainer = RMTKDTrainer(model=model, args=args, train_dataset=train, compute_metrics=accuracy)
+    trainer.train()
+    trainer.save_model()
+    after = measure(trainer.model, trainer, test, script.latency_repeats)
+    lines = report(model_args, data, args, published, before, after, time.perf_counter() - start)
+    if script.results_file:
+        write_results(script.results_file, lines)
+    else:
+        print("\n".join(lines))
+
+
+def teacher_args(args: RMTKDTrainingArguments, model_args: ModelArguments) -> TrainingArguments:
+    """The compression run's settings for plain fine-tuning, with its own epochs, learning rate and folder."""
+    shared = ("per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "lr_scheduler_type")
+    shared += ("warmup_steps", "seed", "data_seed", "use_cpu", "bf16", "dataloader_num_workers", "logging_steps")
+    return TrainingArguments(
+        output_dir=str(Path(args.output_dir) / "teacher"),
+        num_train_epochs=model_args.finetune_epochs,
+        learning_rate=model_args.finetune_learning_rate,
+        save_strategy="no",
+        report_to=[],
+        **{name: getattr(args, name) for name in shared},
+    )
+
+
+def report(model_args, data, args, published: float, before: dict, after: dict, seconds: float) -> list[str]:
+    """The before/after table as markdown lines."""
+    name = Path(model_args.checkpoint).name.split("-")[0]
+    rows = [
+        (
+            "accuracy (%)",
+            f"{100 * before['accuracy']:.2f}",
+            f"{100 * after['accuracy']:.2f}",
+            f"{100 * (after['accuracy'] - before['accuracy']):+.2f} points",
+        ),
+        (
+            "parameters",
+            f"{before['params']:,}",
+            f"{after['params']:,}",
+            f"{after['params'] / before['params']:.3f}x ({100 * (1 - after['params'] / before['params']):.1f}% fewer)",
+        ),
+        ("size (MB)", f"{before['mb']:.2f}", f"{after['mb']:.2f}", f"{after['mb'] / before['mb']:.3f}x"),
+    ]
+    for key in [k for k in before if k.startswith(("cpu", "cuda"))]:
+        device, batch = ("CPU", key[3:]) if key.startswith("cpu") else ("GPU", key[4:])
+        rows.append(
+            (
+                f"{device} latency, batch {batch} (ms)",
+                f"{before[key]:.2f}",
+                f"{after[key]:.2f}",
+                f"{before[key] / after[key]:.2f}x faster",
+            )
+        )
+    return [
+        f"# {name} on CIFAR-10 (JPEG): fine-tuned teacher vs RMTKDTrainer",
+        "",
+        machine_line(),
+        "",
+        f"Command: `python {' '.join(sys.argv)}`",
+        "",
+        f"Data: {data.data_dir}, train {data.max_train_samples or 'all 50,000'}, test "
+        f"{data.max_eval_samples or 'all 10,000'} images. Published checkpoint before fine-tuning: "
+        f"{100 * published:.2f}% on this test set. Teacher: {model_args.finetune_epochs:g} epochs of plain fine-tuning; "
+        f"RMT-KD: {args.num_train_epochs:g} epochs, alpha {args.distillation_alpha}, estimator "
+        f"{args.reduction_estimator}, schedule {args.reduction_schedule}. Wall time {seconds / 60:.1f} min.",
+        "",
+        "| | teacher | RMT-KD | ratio |",
+        "|---|---|---|---|",
+        *[f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows],
+    ]
+
+
+if __name__ == "__main__":
+    parser = HfArgumentParser((ModelArguments, DataArguments, ScriptArguments, RMTKDTrainingArguments))
+    parser.set_defaults(
+        output_dir="outputs/resnet-cifar10-rmtkd",
+        num_train_epochs=15,
+        learning_rate=1e-3,
+        weight_decay=5e-4,
+        per_device_train_batch_size=128,
+        per_device_eval_batch_size=512,
+        lr_scheduler_type="cosine",
+        calibration_samples=512,
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+    )
+    main(*parser.parse_args_into_dataclasses())
