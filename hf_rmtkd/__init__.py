@@ -12,6 +12,7 @@ from transformers import (
 from .analysis import SiteReport, SpectralOptions, SpectralReport, analyze
 from .compression import compress, to_rmtkd
 from .configuration_rmtkd import RMTKDConfig
+from .latency import merge_low_rank, optimize_for_latency
 from .layers import LowRankLinear
 from .modeling_rmtkd import (
     RMTKDForCausalLM,
@@ -67,6 +68,8 @@ __all__ = [
     "compress",
     "fit_spectrum",
     "mp_density",
+    "merge_low_rank",
     "mp_edges",
+    "optimize_for_latency",
     "to_rmtkd",
 ]

@@ -97,6 +97,7 @@ def apply_report(
         "false_alarm": options.false_alarm,
         "centered": options.centered,
         "max_samples": options.max_samples,
+        "rank_multiple": options.rank_multiple,
         "seed": options.seed,
     }
     return records

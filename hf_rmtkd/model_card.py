@@ -88,9 +88,24 @@ def reduced_module_rows(config) -> list[dict[str, str]]:
                 "rank": record.get("rank", UNKNOWN),
                 "sigma2": _number(record.get("sigma2")),
                 "lambda_plus": _number(record.get("lambda_plus")),
+                "form": _form(record),
             }
         )
     return rows
+
+
+def _form(record: Mapping) -> str:
+    """How the reduced module is stored: sliced dense, factorised, or merged back to dense (with the timings)."""
+    if record.get("kind") != "linear":
+        return "dense, narrower"
+    timing = record.get("latency")
+    measured = (
+        f" ({_number(timing.get('factorised_ms'))} ms factorised vs {_number(timing.get('dense_ms'))} ms dense at "
+        f"{timing.get('rows', UNKNOWN)} rows, {timing.get('device', UNKNOWN)})"
+        if isinstance(timing, Mapping)
+        else ""
+    )
+    return ("dense (merged)" if record.get("merged") else "factorised") + measured
 
 
 def _metric_rows(metrics: Mapping | None) -> list[dict[str, str]]:

@@ -15,11 +15,13 @@ _BLOCK_PREFIX = re.compile(r"^(.*?\.\d+)\.")
 
 
 def layer_groups(sites: list[Site], schedule: str) -> list[list[str]]:
-    """Site names grouped per reduction: one group per block, shallow to deep, or a single group.
+    """Site names grouped per reduction: one group per block, shallow to deep, a single group, or none.
 
     A site's block is its path up to the first numeric component (`bert.encoder.layer.3`, `layer2.0`); blocks come in
     the order of `sites` (forward order). Sites outside any numbered block form a last group of their own.
     """
+    if schedule == "none":
+        return []
     if schedule == "all_at_once":
         return [[s.name for s in sites]] if sites else []
     by_block: dict[str, list[str]] = {}

@@ -127,7 +127,11 @@ def apply_structure(model: nn.Module, records: dict[str, dict]) -> None:
         bias = record.get("bias", consumer.bias is not None)
         if record["kind"] == "linear":
             factory = {"device": consumer.weight.device, "dtype": consumer.weight.dtype}
-            _set_module(model, path, LowRankLinear(in_features, out_features, rank, bias).to(**factory))
+            if record.get("merged"):
+                # Merged back to dense where that measured faster (hf_rmtkd.latency): a plain nn.Linear.
+                _set_module(model, path, nn.Linear(in_features, out_features, bias=bias, **factory))
+            else:
+                _set_module(model, path, LowRankLinear(in_features, out_features, rank, bias).to(**factory))
             continue
         for producer_path in record["producers"]:
             producer = model.get_submodule(producer_path)

@@ -14,7 +14,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .analysis import SpectralOptions, analyze_sites
+from .analysis import SpectralOptions, analyze_sites, round_rank
 from .compression import apply_report, to_rmtkd, wrap_existing
 from .distillation import distillation_loss
 from .model_card import build_model_card, metrics_from_log_history, spectrum_plots
@@ -233,7 +233,8 @@ class RMTKDTrainer(Trainer):
         options = SpectralOptions(**args.spectral_options())
         report = analyze_sites(model.model, self._calibration_data(), sites, options, self.is_world_process_zero())
         for site in report.values():
-            site.rank = min(site.dim, max(site.rank, math.ceil(args.reduction_min_rank_ratio * site.dim)))
+            floor = math.ceil(args.reduction_min_rank_ratio * site.dim)
+            site.rank = round_rank(max(site.rank, floor), site.dim, args.reduction_rank_multiple)
         records = apply_report(model, report, args.reduction_ffn_method)
         self._after_structure_change()
         params_after = model.num_parameters()

@@ -11,7 +11,7 @@ from .surgery import FFN_METHODS
 
 
 TEACHERS = ("self", "external")
-SCHEDULES = ("layerwise", "all_at_once")
+SCHEDULES = ("layerwise", "all_at_once", "none")
 
 
 @dataclass
@@ -32,7 +32,8 @@ class RMTKDTrainingArguments(TrainingArguments):
             Sites to reduce, as `target_modules` of [`hf_rmtkd.analyze`] (name suffixes or a regex); default every
             FFN inner width and every linear layer of the blocks.
         reduction_schedule (`str`, *optional*, defaults to `"layerwise"`):
-            `"layerwise"`: one layer's sites per reduction, shallow to deep (the paper); `"all_at_once"`: one reduction.
+            `"layerwise"`: one layer's sites per reduction, shallow to deep (the paper); `"all_at_once"`: one reduction;
+            `"none"`: no reduction, distillation only (e.g. after `compress`, with an external teacher).
         reduction_recovery_steps (`int`, *optional*):
             Optimizer steps of self-distillation after each reduction before the next. Default: the reductions are
             spread evenly over the first `reduction_span` of training, leaving the rest for recovery.
@@ -60,6 +61,8 @@ class RMTKDTrainingArguments(TrainingArguments):
             fold of the projection).
         reduction_min_rank_ratio (`float`, *optional*, defaults to 0.05):
             Stop rule `rho_min`: no site keeps fewer than `ceil(rho_min * d)` directions, in [0, 1).
+        reduction_rank_multiple (`int`, *optional*, defaults to 1):
+            Round every retained rank up to a multiple of this, >= 1 (8 or 16 for GPU-friendly shapes).
         reduction_max_metric_drop (`float`, *optional*):
             Stop rule `epsilon`: before each further reduction and at the end of training the eval metric is compared
             with its value before the last reduction; a drop larger than this undoes that reduction (the model returns
@@ -78,7 +81,9 @@ class RMTKDTrainingArguments(TrainingArguments):
     reduction_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Sites to reduce: name suffixes (or one regex); default every site."}
     )
-    reduction_schedule: str = field(default="layerwise", metadata={"help": "'layerwise' or 'all_at_once'."})
+    reduction_schedule: str = field(
+        default="layerwise", metadata={"help": "'layerwise', 'all_at_once' or 'none' (distillation only)."}
+    )
     reduction_recovery_steps: int | None = field(
         default=None,
         metadata={"help": "Optimizer steps after each reduction; default spreads them over reduction_span."},
@@ -100,6 +105,7 @@ class RMTKDTrainingArguments(TrainingArguments):
     reduction_centered: bool = field(default=True, metadata={"help": "Centre activations before the covariance."})
     reduction_ffn_method: str = field(default="select", metadata={"help": "'select' or 'project'."})
     reduction_min_rank_ratio: float = field(default=0.05, metadata={"help": "Stop rule rho_min on k/d."})
+    reduction_rank_multiple: int = field(default=1, metadata={"help": "Round ranks up to a multiple of this."})
     reduction_max_metric_drop: float | None = field(
         default=None, metadata={"help": "Stop rule epsilon on the eval metric."}
     )
@@ -135,6 +141,8 @@ class RMTKDTrainingArguments(TrainingArguments):
             raise ValueError(f"`reduction_tau` must be in (0, 1), got {self.reduction_tau}.")
         if not 0.0 <= self.reduction_min_rank_ratio < 1.0:
             raise ValueError(f"`reduction_min_rank_ratio` must be in [0, 1), got {self.reduction_min_rank_ratio}.")
+        if self.reduction_rank_multiple < 1:
+            raise ValueError(f"`reduction_rank_multiple` must be >= 1, got {self.reduction_rank_multiple}.")
         if self.reduction_max_metric_drop is not None and self.reduction_max_metric_drop < 0:
             raise ValueError(
                 f"`reduction_max_metric_drop` must be >= 0 or None, got {self.reduction_max_metric_drop}."
@@ -162,5 +170,6 @@ class RMTKDTrainingArguments(TrainingArguments):
             "false_alarm": self.reduction_false_alarm,
             "centered": self.reduction_centered,
             "max_samples": self.calibration_max_tokens,
+            "rank_multiple": self.reduction_rank_multiple,
             "seed": self.seed if seed is None else seed,
         }

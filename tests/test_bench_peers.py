@@ -1,0 +1,80 @@
+"""The peer baselines of the benchmark (truncated SVD, energy PCA, layer dropping) on tiny models with known answers."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+from conftest import tiny_config
+from torch import nn
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
+from peers import drop_layers, energy_rank, flops, parameter_counts, pca_energy, svd_factor, svd_like  # noqa: E402
+
+from hf_rmtkd import compress  # noqa: E402
+
+
+def _bert(seed=0):
+    torch.manual_seed(seed)
+    return tf.BertForSequenceClassification(tiny_config("bert", num_labels=2)).eval()
+
+
+def _batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(5, 99, (8, 16), generator=g)} for _ in range(n)]
+
+
+class TestSVD:
+    @pytest.mark.parametrize("kind", ["linear", "conv"])
+    def test_full_rank_reproduces_the_layer_and_low_rank_is_the_best_approximation(self, kind):
+        torch.manual_seed(0)
+        layer = nn.Linear(12, 10) if kind == "linear" else nn.Conv2d(4, 6, 3, stride=2, padding=1, bias=True)
+        x = torch.randn(5, 12) if kind == "linear" else torch.randn(2, 4, 9, 9)
+        full = svd_factor(layer, 10 if kind == "linear" else 6)
+        assert torch.allclose(full(x), layer(x), atol=1e-5)
+        weight = layer.weight.detach().flatten(1)
+        low = svd_factor(layer, 3)
+        low_weight = (low[1].weight.flatten(1) @ low[0].weight.flatten(1)).detach()
+        # Eckart–Young: the error of the rank-3 truncation is the norm of the dropped singular values.
+        dropped = torch.linalg.svdvals(weight)[3:]
+        assert torch.allclose(torch.linalg.norm(weight - low_weight), dropped.norm(), rtol=1e-4)
+
+    def test_matches_rmtkd_parameter_count_per_site(self):
+        teacher = _bert()
+        compressed = compress(_bert(), _batches(), progress=False)
+        model, ranks = svd_like(teacher, compressed.config.reduced_modules, compressed.model)
+        assert set(ranks) == set(compressed.config.reduced_modules)
+        ours, theirs = parameter_counts(compressed)[0], parameter_counts(model)[0]
+        assert theirs <= ours and ours - theirs < 0.02 * ours
+        with torch.no_grad():
+            assert model(**_batches(1)[0]).logits.shape == (8, 2)
+
+
+class TestEnergyAndLayers:
+    def test_energy_rank(self):
+        values = torch.tensor([5.0, 3.0, 1.0, 0.5, 0.5], dtype=torch.float64)
+        assert energy_rank(values, 0.5) == 1
+        assert energy_rank(values, 0.8) == 2
+        assert energy_rank(values, 0.95) == 4
+
+    def test_pca_energy_keeps_more_with_more_energy(self):
+        loose, ranks_loose = pca_energy(_bert(), _batches(), energy=0.5)
+        tight, ranks_tight = pca_energy(_bert(), _batches(), energy=0.99)
+        assert all(ranks_loose[n] <= ranks_tight[n] for n in ranks_loose)
+        assert loose.num_parameters() < tight.num_parameters()
+
+    def test_drop_layers_hits_the_closest_count_and_runs(self):
+        config = tiny_config("bert", num_labels=2)
+        config.num_hidden_layers = 4
+        torch.manual_seed(0)
+        teacher = tf.BertForSequenceClassification(config).eval()
+        per_layer = sum(p.numel() for p in teacher.bert.encoder.layer[0].parameters())
+        target = teacher.num_parameters() - 2 * per_layer
+        model, kept = drop_layers(teacher, target)
+        assert kept == {"bert.encoder.layer": [0, 3]}
+        assert model.num_parameters() == target and model.config.num_hidden_layers == 2
+        with torch.no_grad():
+            assert model(**_batches(1)[0]).logits.shape == (8, 2)
+        assert flops(model, _batches(1)[0]) < flops(teacher, _batches(1)[0])
