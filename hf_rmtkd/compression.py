@@ -12,6 +12,7 @@ from transformers import PreTrainedModel
 
 from .analysis import SpectralOptions, SpectralReport, analyze_sites
 from .configuration_rmtkd import RMTKDConfig
+from .hidden import HIDDEN_KEY, analyze_hidden, hidden_record, slice_hidden
 from .modeling_rmtkd import RMTKDPreTrainedModel, wrapper_class_for
 from .sites import select_sites
 from .surgery import reduce_site
@@ -110,6 +111,7 @@ def compress(
     ffn_method: str = "select",
     progress: bool = True,
     return_report: bool = False,
+    hidden_width: bool = False,
     **options,
 ) -> RMTKDPreTrainedModel | tuple[RMTKDPreTrainedModel, SpectralReport]:
     """Compress a trained model with the MP rule, without fine-tuning (post-training compression).
@@ -123,6 +125,9 @@ def compress(
             fold); see [`hf_rmtkd.surgery`].
         progress (`bool`, *optional*, defaults to `True`): progress bar.
         return_report (`bool`, *optional*, defaults to `False`): also return the [`SpectralReport`].
+        hidden_width (`bool`, *optional*, defaults to `False`): first reduce the width of the residual stream (one
+            projection for the whole model; Llama-family decoders, see [`hf_rmtkd.hidden`]), then the other sites
+            (`target_modules=[]` for none). `calibration_data` is then iterated twice: pass a list or a DataLoader.
         **options: fields of [`SpectralOptions`].
 
     Returns:
@@ -131,6 +136,17 @@ def compress(
     """
     wrapper = to_rmtkd(model)
     spectral = SpectralOptions(**options)
+    if hidden_width:
+        if wrapper.config.reduced_modules:
+            raise ValueError(
+                "The hidden width must be reduced before any other site (their recorded shapes depend on it); this "
+                f"model already has {len(wrapper.config.reduced_modules)} reduced modules."
+            )
+        hidden = analyze_hidden(wrapper.model, calibration_data, spectral, progress)
+        wrapper.model, overrides = slice_hidden(wrapper.model, hidden.eigenvectors[:, : hidden.rank])
+        wrapper.config.reduced_modules[HIDDEN_KEY] = hidden_record(hidden, overrides)
+        if target_modules == []:
+            return (wrapper, SpectralReport({HIDDEN_KEY: hidden}, spectral, "")) if return_report else wrapper
     sites = select_sites(wrapper.model, target_modules)
     report = analyze_sites(wrapper.model, calibration_data, sites, spectral, progress)
     apply_report(wrapper, report, ffn_method)

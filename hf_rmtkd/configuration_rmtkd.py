@@ -8,7 +8,7 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 
 
-SITE_KINDS = ("ffn", "linear")
+SITE_KINDS = ("ffn", "linear", "hidden")
 _REQUIRED_RECORD_KEYS = ("kind", "in_features", "out_features", "rank")
 # Attributes that pipelines and generation read from `model.config`; the base config's values are served.
 _FORWARDED_ATTRIBUTES = (
@@ -106,12 +106,23 @@ class RMTKDConfig(PreTrainedConfig):
         for key in ("transformers_version", "architectures", "_name_or_path"):
             values.pop(key, None)
         values["architectures"] = [self.base_architecture] if self.base_architecture else None
+        values.update(self.config_overrides())
         return AutoConfig.for_model(model_type, **values)
+
+    def config_overrides(self) -> dict:
+        """Base-config values changed by a reduction (the hidden-width site sets `hidden_size` and friends)."""
+        overrides = {}
+        for record in (self.reduced_modules or {}).values():
+            overrides.update(record.get("config_overrides") or {})
+        return overrides
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails: serve the base config's values of the common attributes.
         if name in _FORWARDED_ATTRIBUTES:
             base = self.__dict__.get("base_config") or {}
+            overrides = self.config_overrides() if "reduced_modules" in self.__dict__ else {}
+            if name in overrides:
+                return overrides[name]
             if name in base:
                 return base[name]
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")

@@ -110,6 +110,8 @@ def apply_structure(model: nn.Module, records: dict[str, dict]) -> None:
         `ValueError` naming the module if a record disagrees with the model (missing module or wrong widths).
     """
     for path, record in records.items():
+        if record["kind"] == "hidden":
+            continue  # built from the config's overrides (hf_rmtkd.hidden), not by replacing a module
         try:
             consumer = model.get_submodule(path)
         except AttributeError as err:

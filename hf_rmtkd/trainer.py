@@ -14,11 +14,13 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .analysis import SpectralOptions, analyze_sites, round_rank
+from .analysis import SpectralOptions, SpectralReport, analyze_sites, round_rank
 from .compression import apply_report, to_rmtkd, wrap_existing
 from .distillation import distillation_loss
+from .hidden import HIDDEN_KEY, analyze_hidden, hidden_record, slice_hidden
 from .model_card import build_model_card, metrics_from_log_history, spectrum_plots
 from .modeling_rmtkd import RMTKDForCausalLM, RMTKDPreTrainedModel
+from .optimizer_state import carry_optimizer_state
 from .schedule import ReductionCallback, layer_groups
 from .sites import select_sites
 from .surgery import apply_structure
@@ -189,7 +191,11 @@ class RMTKDTrainer(Trainer):
     def reduction_groups(self) -> list[list[str]]:
         """Site names per scheduled reduction, from `reduction_target_modules` and `reduction_schedule`."""
         sites = select_sites(self.model.model, self.args.reduction_target_modules)
-        return layer_groups(sites, self.args.reduction_schedule)
+        groups = layer_groups(sites, self.args.reduction_schedule)
+        if self.args.reduction_hidden_width and self.args.reduction_schedule != "none":
+            # First: every other site's recorded shapes depend on the hidden width.
+            groups = [[HIDDEN_KEY]] + groups
+        return groups
 
     def _calibration_data(self):
         dataset = self.calibration_dataset
@@ -229,13 +235,16 @@ class RMTKDTrainer(Trainer):
         if args.distillation_teacher == "self":
             self.teacher = snapshot
         self._snapshot = snapshot
-        sites = select_sites(model.model, names)
         options = SpectralOptions(**args.spectral_options())
-        report = analyze_sites(model.model, self._calibration_data(), sites, options, self.is_world_process_zero())
-        for site in report.values():
-            floor = math.ceil(args.reduction_min_rank_ratio * site.dim)
-            site.rank = round_rank(max(site.rank, floor), site.dim, args.reduction_rank_multiple)
-        records = apply_report(model, report, args.reduction_ffn_method)
+        if names == [HIDDEN_KEY]:
+            report, records = self._reduce_hidden(options)
+        else:
+            sites = select_sites(model.model, names)
+            report = analyze_sites(model.model, self._calibration_data(), sites, options, self.is_world_process_zero())
+            for site in report.values():
+                floor = math.ceil(args.reduction_min_rank_ratio * site.dim)
+                site.rank = round_rank(max(site.rank, floor), site.dim, args.reduction_rank_multiple)
+            records = apply_report(model, report, args.reduction_ffn_method)
         self._after_structure_change()
         params_after = model.num_parameters()
         logs = {
@@ -269,6 +278,18 @@ class RMTKDTrainer(Trainer):
             }
         )
         return True
+
+    def _reduce_hidden(self, options: SpectralOptions):
+        """The hidden-width reduction: analyse the residual stream, slice it, record it."""
+        model = self.model
+        hidden = analyze_hidden(model.model, self._calibration_data(), options, self.is_world_process_zero())
+        floor = math.ceil(self.args.reduction_min_rank_ratio * hidden.dim)
+        multiple = math.lcm(options.rank_multiple, model.model.config.num_attention_heads)
+        hidden.rank = round_rank(max(hidden.rank, floor), hidden.dim, multiple)
+        model.model, overrides = slice_hidden(model.model, hidden.eigenvectors[:, : hidden.rank])
+        records = {HIDDEN_KEY: hidden_record(hidden, overrides)}
+        model.config.reduced_modules.update(records)
+        return SpectralReport({HIDDEN_KEY: hidden}, options, ""), records
 
     def _metric(self) -> float:
         metrics = self.evaluate()
@@ -307,23 +328,7 @@ class RMTKDTrainer(Trainer):
         self.optimizer = None
         self.create_optimizer()
         new_raw = self.optimizer
-        for group in new_raw.param_groups:
-            for parameter in group["params"]:
-                if parameter in old_raw.state:
-                    new_raw.state[parameter] = old_raw.state[parameter]
-        for new_group, old_group in zip(new_raw.param_groups, old_raw.param_groups):
-            new_group["lr"] = old_group["lr"]
-            new_group["initial_lr"] = old_group.get("initial_lr", old_group["lr"])
-        # The LR scheduler marked the old optimizer's `step` to check call order; carry the mark over, since the
-        # schedule has in effect been stepping this optimizer all along.
-        step = new_raw.step
-
-        def tracked_step(*args, **kwargs):
-            return step(*args, **kwargs)
-
-        tracked_step._wrapped_by_lr_sched = True
-        new_raw.step = tracked_step
-        new_raw._opt_called = True
+        carry_optimizer_state(old_raw, new_raw)
         if old in self.accelerator._optimizers:
             self.accelerator._optimizers.remove(old)
         self.optimizer = self.accelerator.prepare_optimizer(new_raw)
@@ -408,7 +413,14 @@ class RMTKDTrainer(Trainer):
         config = json.loads((checkpoint / "config.json").read_text())
         records = config.get("reduced_modules") or {}
         new = {k: v for k, v in records.items() if k not in self.model.config.reduced_modules}
-        apply_structure(self.model.model, new)
+        if HIDDEN_KEY in new:
+            # The hidden width changes the architecture itself: rebuild the inner model from the checkpoint's config
+            # (its weights are loaded by Trainer right after).
+            self.model.config.reduced_modules.update(new)
+            rebuilt = type(self.model)(copy.deepcopy(self.model.config)).model
+            self.model.model = rebuilt.to(self.args.device).train(self.model.training)
+        else:
+            apply_structure(self.model.model, new)
         self.model.config.reduced_modules.update(new)
         self.model.config.calibration = config.get("calibration") or {}
         state = json.loads((checkpoint / "trainer_state.json").read_text())

@@ -61,6 +61,9 @@ class RMTKDTrainingArguments(TrainingArguments):
             fold of the projection).
         reduction_min_rank_ratio (`float`, *optional*, defaults to 0.05):
             Stop rule `rho_min`: no site keeps fewer than `ceil(rho_min * d)` directions, in [0, 1).
+        reduction_hidden_width (`bool`, *optional*, defaults to `False`):
+            Also reduce the width of the residual stream, as the first scheduled reduction (one projection for the
+            whole model; Llama-family decoders only, see `hf_rmtkd.hidden`).
         reduction_rank_multiple (`int`, *optional*, defaults to 1):
             Round every retained rank up to a multiple of this, >= 1 (8 or 16 for GPU-friendly shapes).
         reduction_max_metric_drop (`float`, *optional*):
@@ -105,6 +108,9 @@ class RMTKDTrainingArguments(TrainingArguments):
     reduction_centered: bool = field(default=True, metadata={"help": "Centre activations before the covariance."})
     reduction_ffn_method: str = field(default="select", metadata={"help": "'select' or 'project'."})
     reduction_min_rank_ratio: float = field(default=0.05, metadata={"help": "Stop rule rho_min on k/d."})
+    reduction_hidden_width: bool = field(
+        default=False, metadata={"help": "Reduce the residual-stream width first (Llama-family decoders)."}
+    )
     reduction_rank_multiple: int = field(default=1, metadata={"help": "Round ranks up to a multiple of this."})
     reduction_max_metric_drop: float | None = field(
         default=None, metadata={"help": "Stop rule epsilon on the eval metric."}

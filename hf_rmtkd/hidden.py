@@ -1,0 +1,159 @@
+"""The hidden-width site: one projection of the whole residual stream, for pre-norm RMSNorm decoders (Llama family).
+
+The residual stream `x` (width `d`) is observed at the input of every decoder layer and of the final norm; the MP
+rule on its pooled, uncentred covariance gives `k`, and the top-`k` eigenvectors `Q` (`d x k`, orthonormal columns)
+define the new stream `z = Q^T x`. Everything that writes to the stream (token embeddings, attention output and MLP
+down projections) is multiplied by `Q^T` on the left; everything that reads it through an RMSNorm (attention
+Q/K/V, MLP gate/up, the head) absorbs the norm's weight and `Q` on the right. RMSNorm is rotation-invariant up to
+its width: `z / rms_k(z)` equals `sqrt(d/k) Q^T x / rms_d(x)` when `rms_k` uses `eps * d / k`, so the new norms get
+weight 1 and `eps * d / k`, and the readers a factor `sqrt(d/k)`. With `k = d` the model is the same function (a
+rotation of its stream); with `k < d` the only change is the dropped directions (SliceGPT with one `Q` shared by
+all layers). The head dimension is kept (`head_dim` set explicitly), the embeddings are untied from the head.
+
+The result is a plain model of the same class with `hidden_size = k`: the record in `RMTKDConfig.reduced_modules`
+(kind `"hidden"`) stores the config overrides, so `from_pretrained` rebuilds it from the base config.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .analysis import SiteReport, SpectralOptions, analyze_statistics, round_rank
+from .calibration import ActivationStatistics, collect_statistics
+from .sites import Site
+
+
+HIDDEN_KEY = "<hidden_size>"
+SUPPORTED = ("llama", "mistral", "qwen2")
+
+
+def _parts(model: nn.Module):
+    config = model.config
+    if getattr(config, "model_type", None) not in SUPPORTED:
+        raise TypeError(
+            f"The hidden-width site supports pre-norm RMSNorm decoders {SUPPORTED}, got model_type "
+            f"{getattr(config, 'model_type', None)!r} ({type(model).__name__}). Post-LN encoders (BERT, MPNet) and "
+            "LayerNorm decoders (GPT-2) are not supported yet."
+        )
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix, model)
+    head = next(
+        (getattr(model, n) for n in ("lm_head", "score") if isinstance(getattr(model, n, None), nn.Linear)), None
+    )
+    return prefix if base is not model else "", base, head
+
+
+def residual_statistics(
+    model: nn.Module, calibration_data, max_samples: int | None = None, progress: bool = True
+) -> tuple[ActivationStatistics, str]:
+    """Pooled statistics of the residual stream: inputs of every decoder layer and of the final norm, averaged.
+
+    Returns:
+        Statistics of width `d` whose `count` is the number of tokens (not tokens x layers: the layers see the same
+        tokens, so the MP ratio `q = d / n` uses the token count), and the calibration fingerprint.
+    """
+    prefix, base, _ = _parts(model)
+    dot = f"{prefix}." if prefix else ""
+    names = [f"{dot}layers.{i}" for i in range(len(base.layers))] + [f"{dot}norm"]
+    stats, fingerprint = collect_statistics(model, calibration_data, names, max_samples, progress)
+    pooled = ActivationStatistics.zeros(stats[names[0]].dim)
+    for name in names:
+        pooled.merge(stats[name].sum_outer, stats[name].sum, stats[name].count)
+    layers = len(names)
+    pooled = ActivationStatistics(pooled.sum_outer / layers, pooled.sum / layers, pooled.count // layers)
+    return pooled, fingerprint
+
+
+def analyze_hidden(model: nn.Module, calibration_data, options: SpectralOptions, progress: bool = True) -> SiteReport:
+    """MP analysis of the residual stream (uncentred: the projection must be linear, without a mean offset).
+
+    The rank is rounded up to a multiple of the number of attention heads (transformers requires `hidden_size` to be
+    one, even with an explicit `head_dim`) and of `options.rank_multiple`; `signal_rank` keeps the MP count.
+    """
+    stats, _ = residual_statistics(model, calibration_data, options.max_samples, progress)
+    uncentred = SpectralOptions(**{**options.__dict__, "centered": False})
+    report = analyze_statistics(Site(HIDDEN_KEY, "hidden", stats.dim), stats, uncentred)
+    multiple = math.lcm(options.rank_multiple, model.config.num_attention_heads)
+    report.rank = round_rank(report.rank, report.dim, multiple)
+    total = float(report.eigenvalues.sum())
+    report.retained_variance = float(report.eigenvalues[: report.rank].sum()) / total if total > 0 else 1.0
+    return report
+
+
+@torch.no_grad()
+def slice_hidden(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict]:
+    """A new model of the same class whose residual stream is `basis^T x`.
+
+    Args:
+        model: a Llama-family model (`...ForCausalLM`, `...ForSequenceClassification` or the base model).
+        basis (`torch.Tensor` of shape `(d, k)`): orthonormal columns spanning the kept directions.
+
+    Returns:
+        The new model (same device and dtype, eval/train mode kept) and the config overrides that rebuild it.
+    """
+    prefix, base, head = _parts(model)
+    config = model.config
+    d, k = basis.shape
+    scale = math.sqrt(d / k)
+    q = basis.to(torch.float64).cpu()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    overrides = {
+        "hidden_size": k,
+        "head_dim": head_dim,
+        "rms_norm_eps": config.rms_norm_eps * d / k,
+        "tie_word_embeddings": False,
+    }
+    new_config = config.__class__.from_dict({**config.to_dict(), **overrides})
+    state = {name: t.detach().to("cpu", torch.float64) for name, t in model.state_dict().items()}
+    dot = f"{prefix}." if prefix else ""
+
+    def writer(name):  # rows of a module that writes into the stream: W (d, *) -> Q^T W (k, *)
+        state[name] = q.T @ state[name]
+
+    def reader(name, norm):  # W (*, d) reading RMSNorm(x) with weight g -> W diag(g) Q * sqrt(d / k)
+        state[name] = (state[name] * state[norm][None, :]) @ q * scale
+
+    state[f"{dot}embed_tokens.weight"] = state[f"{dot}embed_tokens.weight"] @ q
+    for i in range(len(base.layers)):
+        layer = f"{dot}layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            reader(f"{layer}self_attn.{proj}.weight", f"{layer}input_layernorm.weight")
+        for proj in ("gate_proj", "up_proj"):
+            reader(f"{layer}mlp.{proj}.weight", f"{layer}post_attention_layernorm.weight")
+        for name in (f"{layer}self_attn.o_proj", f"{layer}mlp.down_proj"):
+            writer(f"{name}.weight")
+            if f"{name}.bias" in state:
+                state[f"{name}.bias"] = q.T @ state[f"{name}.bias"]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{layer}{norm}.weight"] = torch.ones(k, dtype=torch.float64)
+    if head is not None:
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        reader(f"{head_name}.weight", f"{dot}norm.weight")
+    state[f"{dot}norm.weight"] = torch.ones(k, dtype=torch.float64)
+    reference = next(model.parameters())
+    new = type(model)(new_config).to(device=reference.device, dtype=reference.dtype)
+    missing, unexpected = new.load_state_dict({n: t.to(reference.dtype) for n, t in state.items()}, strict=False)
+    if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
+        raise RuntimeError(f"Hidden-width slicing left keys unmatched: missing {missing}, unexpected {unexpected}.")
+    return new.train(model.training), overrides
+
+
+def hidden_record(report: SiteReport, overrides: dict) -> dict:
+    """The `RMTKDConfig.reduced_modules` entry of a hidden-width reduction."""
+    return {
+        "kind": "hidden",
+        "in_features": report.dim,
+        "out_features": report.dim,
+        "dim": report.dim,
+        "rank": report.rank,
+        "signal_rank": report.signal_rank,
+        "config_overrides": overrides,
+        "n_samples": report.n_samples,
+        "sigma2": report.sigma2,
+        "lambda_plus": report.lambda_plus,
+        "threshold": report.threshold,
+        "retained_variance": report.retained_variance,
+    }

@@ -1,0 +1,148 @@
+"""The hidden-width site on tiny Llama decoders: exact when the residual stream lives in the kept subspace."""
+
+import pytest
+import torch
+import transformers as tf
+from conftest import tiny_config
+
+from hf_rmtkd import compress
+from hf_rmtkd.hidden import HIDDEN_KEY, slice_hidden
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    return tf.LlamaForCausalLM(tiny_config("llama")).eval()
+
+
+def _planted(k=12, seed=0):
+    """A Llama whose residual stream lies in a k-dim subspace: embeddings and every writer project onto it."""
+    model = _llama(seed)
+    d = model.config.hidden_size
+    basis, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed + 1)))
+    projector = basis @ basis.T
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ projector)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.copy_(projector @ layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(projector @ layer.mlp.down_proj.weight)
+            # Non-trivial norm weights, so folding them into the readers is exercised.
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    return model, basis
+
+
+def _ids(seed=0):
+    return torch.randint(2, 99, (3, 10), generator=torch.Generator().manual_seed(seed))
+
+
+class TestSlicing:
+    def test_a_rotation_of_the_full_stream_is_the_same_function(self):
+        model = _llama()
+        rotation, _ = torch.linalg.qr(torch.randn(32, 32, generator=torch.Generator().manual_seed(3)))
+        rotated, overrides = slice_hidden(model, rotation)
+        assert overrides["hidden_size"] == 32 and overrides["head_dim"] == 8
+        with torch.no_grad():
+            assert torch.allclose(rotated(_ids()).logits, model(_ids()).logits, atol=1e-4)
+
+    def test_slicing_is_exact_when_the_stream_lies_in_the_subspace(self):
+        model, basis = _planted(k=12)
+        sliced, overrides = slice_hidden(model, basis)
+        assert sliced.config.hidden_size == 12 and overrides["rms_norm_eps"] == pytest.approx(
+            model.config.rms_norm_eps * 32 / 12
+        )
+        assert sliced.num_parameters() < model.num_parameters()
+        with torch.no_grad():
+            assert torch.allclose(sliced(_ids()).logits, model(_ids()).logits, atol=1e-4)
+        # A subspace that misses part of the stream changes the outputs: the test can fail.
+        other, _ = torch.linalg.qr(torch.randn(32, 12, generator=torch.Generator().manual_seed(9)))
+        with torch.no_grad():
+            assert not torch.allclose(slice_hidden(model, other)[0](_ids()).logits, model(_ids()).logits, atol=1e-2)
+
+
+class TestCompress:
+    def test_mp_rule_finds_the_planted_width_and_the_checkpoint_reloads(self, tmp_path):
+        model, _ = _planted(k=12)
+        with torch.no_grad():
+            expected = model(_ids()).logits
+        batches = [{"input_ids": _ids(s)} for s in range(1, 9)]
+        compressed = compress(model, batches, target_modules=[], hidden_width=True, progress=False)
+        record = compressed.config.reduced_modules[HIDDEN_KEY]
+        assert (record["kind"], record["dim"], record["rank"]) == ("hidden", 32, 12)
+        with torch.no_grad():
+            assert torch.allclose(compressed(_ids()).logits, expected, atol=1e-4)
+        compressed.save_pretrained(tmp_path)
+        reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert reloaded.model.config.hidden_size == 12 and reloaded.config.hidden_size == 12
+        with torch.no_grad():
+            assert torch.allclose(reloaded(_ids()).logits, expected, atol=1e-4)
+        generated = reloaded.generate(_ids()[:1], max_new_tokens=4, do_sample=False)
+        assert generated.shape == (1, 14)
+        from hf_rmtkd.model_card import build_model_card
+
+        assert f"| `{HIDDEN_KEY}` | hidden | 32 -> 12 |" in str(build_model_card(reloaded))
+
+    def test_then_the_other_sites_reduce_on_the_narrow_model(self, tmp_path):
+        model, _ = _planted(k=12)
+        batches = [{"input_ids": _ids(s)} for s in range(1, 9)]
+        compressed = compress(model, batches, hidden_width=True, progress=False)
+        assert len(compressed.config.reduced_modules) > 1
+        compressed.save_pretrained(tmp_path)
+        reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        with torch.no_grad():
+            assert torch.allclose(reloaded(_ids()).logits, compressed(_ids()).logits, atol=1e-5)
+
+    def test_unsupported_family_and_wrong_order_are_refused(self):
+        bert = tf.BertForSequenceClassification(tiny_config("bert", num_labels=2))
+        batches = [{"input_ids": _ids()}]
+        with pytest.raises(TypeError, match="pre-norm RMSNorm decoders"):
+            compress(bert, batches, hidden_width=True, progress=False)
+        reduced = compress(_llama(), batches * 4, progress=False)
+        with pytest.raises(ValueError, match="hidden width must be reduced before"):
+            compress(reduced, batches * 4, hidden_width=True, progress=False)
+
+
+class TestTrainer:
+    @staticmethod
+    def _data():
+        from datasets import Dataset
+
+        ids = torch.randint(2, 99, (32, 10), generator=torch.Generator().manual_seed(0))
+        return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+    @staticmethod
+    def _args(path, **overrides):
+        from test_trainer import _args
+
+        hidden = dict(max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3, calibration_samples=16)
+        hidden.update(reduction_hidden_width=True, reduction_warmup_steps=1, reduction_recovery_steps=3)
+        return _args(path, **{**hidden, **overrides})
+
+    def test_hidden_width_is_the_first_scheduled_reduction_and_resumes(self, tmp_path):
+        from hf_rmtkd import RMTKDTrainer
+
+        full = RMTKDTrainer(model=_planted()[0], args=self._args(tmp_path / "full"), train_dataset=self._data())
+        start = full.model.num_parameters()
+        full.train()
+        history = full.reduction_callback.history
+        assert history[0]["reduced"] == [HIDDEN_KEY] and history[0]["params_after"] < start
+        assert full.model.model.config.hidden_size == full.model.config.reduced_modules[HIDDEN_KEY]["rank"] < 32
+        assert len(history) >= 2  # then the layers, on the narrow model
+        full.save_model(tmp_path / "final")
+        reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
+        full.model.eval()
+        with torch.no_grad():
+            assert torch.allclose(reloaded(_ids()).logits, full.model(_ids()).logits, atol=1e-5)
+
+        class StopAt3(tf.TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                control.should_training_stop = state.global_step >= 3
+
+        saving = dict(save_strategy="steps", save_steps=2)
+        cut_args = self._args(tmp_path / "cut", **saving)
+        RMTKDTrainer(model=_planted()[0], args=cut_args, train_dataset=self._data(), callbacks=[StopAt3()]).train()
+        resumed = RMTKDTrainer(model=_planted()[0], args=cut_args, train_dataset=self._data())
+        resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))
+        assert resumed.model.config.reduced_modules.keys() == full.model.config.reduced_modules.keys()
+        a, b = full.model.state_dict(), resumed.model.state_dict()
+        assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
