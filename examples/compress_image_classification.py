@@ -15,7 +15,6 @@ Every `RMTKDTrainingArguments` field is a flag too (`--distillation_alpha 0.5 --
 from __future__ import annotations
 
 import io
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,11 +29,13 @@ from tqdm.auto import tqdm
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.latency import time_forward_ms
+from hf_rmtkd.model_card import model_size_mb
 from hf_rmtkd.models.resnet_cifar import load_original_checkpoint
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
-from results_io import machine_line, write_results  # noqa: E402
+from results_io import accuracy, machine_line, write_results  # noqa: E402
 
 
 @dataclass
@@ -93,36 +94,16 @@ def _bytes(blob) -> bytes:
     return blob["bytes"] if isinstance(blob, dict) else blob
 
 
-def accuracy(prediction) -> dict:
-    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
-
-
-@torch.no_grad()
-def latency_ms(model, batch_size: int, device: str, repeats: int) -> float:
-    """Median forward time in ms of a batch of `batch_size` 32x32 images on `device`."""
-    model = model.to(device).eval()
-    images = torch.randn(batch_size, 3, 32, 32, device=device)
-    times = []
-    for i in range(repeats + 5):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(pixel_values=images)
-        if device == "cuda":
-            torch.cuda.synchronize()
-        if i >= 5:
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
-
-
 def measure(model, trainer, eval_set, repeats: int) -> dict:
     metrics = trainer.evaluate(eval_set)
     row = {"accuracy": metrics["eval_accuracy"], "params": sum(p.numel() for p in model.parameters())}
-    row["mb"] = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
-    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    for device in devices:
+    row["mb"] = model_size_mb(model)
+    model.eval()
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        model.to(device)
         for batch in (1, 32):
-            row[f"{device}{batch}"] = latency_ms(model, batch, device, repeats)
+            images = torch.randn(batch, 3, 32, 32, device=device)
+            row[f"{device}{batch}"] = time_forward_ms(model, {"pixel_values": images}, repeats)
     model.to(trainer.args.device)
     return row
 
@@ -138,7 +119,10 @@ def main(model_args: ModelArguments, data: DataArguments, script: ScriptArgument
 
     # 1. The teacher: the published checkpoint fine-tuned on the JPEG copy (plain Trainer, cross-entropy only).
     teacher_trainer = Trainer(
-        model=model, args=teacher_args(args, model_args), train_dataset=train, compute_metrics=accuracy
+        model=model,
+        args=teacher_args(args, model_args.finetune_epochs, model_args.finetune_learning_rate),
+        train_dataset=train,
+        compute_metrics=accuracy,
     )
     published = teacher_trainer.evaluate(test)["eval_accuracy"]
     teacher_trainer.train()
@@ -156,17 +140,17 @@ def main(model_args: ModelArguments, data: DataArguments, script: ScriptArgument
         print("\n".join(lines))
 
 
-def teacher_args(args: RMTKDTrainingArguments, model_args: ModelArguments) -> TrainingArguments:
-    """The compression run's settings for plain fine-tuning, with its own epochs, learning rate and folder."""
+def teacher_args(args: RMTKDTrainingArguments, epochs: float, learning_rate: float, **overrides) -> TrainingArguments:
+    """The compression run's settings for plain fine-tuning of the teacher, with its own epochs, lr and folder."""
     shared = ("per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "lr_scheduler_type")
     shared += ("warmup_steps", "seed", "data_seed", "use_cpu", "bf16", "dataloader_num_workers", "logging_steps")
+    values = {name: getattr(args, name) for name in shared}
+    values.update(save_strategy="no", report_to=[], **overrides)
     return TrainingArguments(
         output_dir=str(Path(args.output_dir) / "teacher"),
-        num_train_epochs=model_args.finetune_epochs,
-        learning_rate=model_args.finetune_learning_rate,
-        save_strategy="no",
-        report_to=[],
-        **{name: getattr(args, name) for name in shared},
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        **values,
     )
 
 

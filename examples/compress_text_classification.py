@@ -22,13 +22,11 @@ from __future__ import annotations
 
 import csv
 import random
-import statistics
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from datasets import Dataset
 from transformers import (
@@ -41,6 +39,11 @@ from transformers import (
 )
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.latency import time_forward_ms
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+from results_io import accuracy  # noqa: E402
 
 
 DEFAULT_OUTPUT = "outputs/minilm-bbc-rmtkd"
@@ -109,16 +112,8 @@ def load_data(data: DataArguments, seed: int) -> tuple[list[dict], list[dict]]:
 
 def latency_ms(model, tokenizer, texts: list[str], max_length: int, repeats: int = 20) -> float:
     """Median CPU latency of one forward at batch size 1, in milliseconds."""
-    model.eval()
     batch = tokenizer(texts[:1], truncation=True, max_length=max_length, padding="max_length", return_tensors="pt")
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 3):
-            start = time.perf_counter()
-            model(**batch)
-            if i >= 3:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return time_forward_ms(model.eval(), dict(batch), repeats)
 
 
 def checkpoint_mb(folder: Path) -> float:
@@ -143,9 +138,6 @@ def main(data: DataArguments, model_args: ModelArguments, args: RMTKDTrainingArg
 
     train, evaluation = encode(train_rows), encode(eval_rows)
     collator = DataCollatorWithPadding(tokenizer)
-
-    def accuracy(prediction):
-        return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
     torch.manual_seed(args.seed)
     model = AutoModelForSequenceClassification.from_pretrained(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ class SpectralOptions:
             covariance (the mean then shows up as a spurious spike).
         max_samples (`int`, *optional*, defaults to 200000): cap on tokens (samples) per site; `None` for no cap.
         min_rank (`int`, *optional*, defaults to 1): floor on the retained rank of any site.
+        min_rank_ratio (`float`, *optional*, defaults to 0.0): floor `ceil(min_rank_ratio * d)` on the retained rank,
+            in [0, 1) (the trainer's stop rule `rho_min`).
         rank_multiple (`int`, *optional*, defaults to 1): round every retained rank up to a multiple of this (capped
             at the width): 8 or 16 lets GPU and oneDNN kernels use their fast tiled paths.
         seed (`int`, *optional*): recorded in the checkpoint's provenance.
@@ -40,6 +43,7 @@ class SpectralOptions:
     centered: bool = True
     max_samples: int | None = 200_000
     min_rank: int = 1
+    min_rank_ratio: float = 0.0
     rank_multiple: int = 1
     seed: int | None = None
 
@@ -56,6 +60,8 @@ class SpectralOptions:
             raise ValueError(f"`max_samples` must be >= 2 or None, got {self.max_samples}.")
         if self.min_rank < 1:
             raise ValueError(f"`min_rank` must be >= 1, got {self.min_rank}.")
+        if not 0.0 <= self.min_rank_ratio < 1.0:
+            raise ValueError(f"`min_rank_ratio` must be in [0, 1), got {self.min_rank_ratio}.")
         if self.rank_multiple < 1:
             raise ValueError(f"`rank_multiple` must be >= 1, got {self.rank_multiple}.")
 
@@ -170,7 +176,8 @@ def analyze_statistics(site: Site, stats: ActivationStatistics, options: Spectra
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)
     eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
     fit = fit_spectrum(eigenvalues, n, options.estimator, options.tau, options.false_alarm)
-    rank = round_rank(max(fit.rank, options.min_rank), stats.dim, options.rank_multiple)
+    floor = max(options.min_rank, math.ceil(options.min_rank_ratio * stats.dim))
+    rank = round_rank(max(fit.rank, floor), stats.dim, options.rank_multiple)
     if fit.rank < options.min_rank:
         warnings.warn(
             f"Module {site.name!r}: no eigenvalue rises above the MP edge (sigma2={fit.sigma2:.4g}, "

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 
 from .analysis import SpectralOptions, SpectralReport, analyze_sites
 from .configuration_rmtkd import RMTKDConfig
-from .hidden import HIDDEN_KEY, analyze_hidden, hidden_record, slice_hidden
+from .hidden import HIDDEN_KEY, reduce_hidden
 from .modeling_rmtkd import RMTKDPreTrainedModel, wrapper_class_for
 from .sites import select_sites
 from .surgery import reduce_site
@@ -136,18 +136,12 @@ def compress(
     """
     wrapper = to_rmtkd(model)
     spectral = SpectralOptions(**options)
-    if hidden_width:
-        if wrapper.config.reduced_modules:
-            raise ValueError(
-                "The hidden width must be reduced before any other site (their recorded shapes depend on it); this "
-                f"model already has {len(wrapper.config.reduced_modules)} reduced modules."
-            )
-        hidden = analyze_hidden(wrapper.model, calibration_data, spectral, progress)
-        wrapper.model, overrides = slice_hidden(wrapper.model, hidden.eigenvectors[:, : hidden.rank])
-        wrapper.config.reduced_modules[HIDDEN_KEY] = hidden_record(hidden, overrides)
-        if target_modules == []:
-            return (wrapper, SpectralReport({HIDDEN_KEY: hidden}, spectral, "")) if return_report else wrapper
+    hidden = reduce_hidden(wrapper, calibration_data, spectral, progress) if hidden_width else None
     sites = select_sites(wrapper.model, target_modules)
-    report = analyze_sites(wrapper.model, calibration_data, sites, spectral, progress)
-    apply_report(wrapper, report, ffn_method)
+    report = SpectralReport({}, spectral, "")
+    if sites:
+        report = analyze_sites(wrapper.model, calibration_data, sites, spectral, progress)
+        apply_report(wrapper, report, ffn_method)
+    if hidden is not None:
+        report = SpectralReport({HIDDEN_KEY: hidden, **report}, spectral, report.fingerprint)
     return (wrapper, report) if return_report else wrapper

@@ -16,12 +16,13 @@ The result is a plain model of the same class with `hidden_size = k`: the record
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
 
-from .analysis import SiteReport, SpectralOptions, analyze_statistics, round_rank
+from .analysis import SiteReport, SpectralOptions, analyze_statistics
 from .calibration import ActivationStatistics, collect_statistics
 from .sites import Site
 
@@ -59,12 +60,9 @@ def residual_statistics(
     dot = f"{prefix}." if prefix else ""
     names = [f"{dot}layers.{i}" for i in range(len(base.layers))] + [f"{dot}norm"]
     stats, fingerprint = collect_statistics(model, calibration_data, names, max_samples, progress)
-    pooled = ActivationStatistics.zeros(stats[names[0]].dim)
-    for name in names:
-        pooled.merge(stats[name].sum_outer, stats[name].sum, stats[name].count)
-    layers = len(names)
-    pooled = ActivationStatistics(pooled.sum_outer / layers, pooled.sum / layers, pooled.count // layers)
-    return pooled, fingerprint
+    layers = [stats[name] for name in names]  # every layer sees the same tokens: equal counts
+    mean_outer = sum(s.sum_outer for s in layers) / len(layers)
+    return ActivationStatistics(mean_outer, sum(s.sum for s in layers) / len(layers), layers[0].count), fingerprint
 
 
 def analyze_hidden(model: nn.Module, calibration_data, options: SpectralOptions, progress: bool = True) -> SiteReport:
@@ -74,12 +72,25 @@ def analyze_hidden(model: nn.Module, calibration_data, options: SpectralOptions,
     one, even with an explicit `head_dim`) and of `options.rank_multiple`; `signal_rank` keeps the MP count.
     """
     stats, _ = residual_statistics(model, calibration_data, options.max_samples, progress)
-    uncentred = SpectralOptions(**{**options.__dict__, "centered": False})
-    report = analyze_statistics(Site(HIDDEN_KEY, "hidden", stats.dim), stats, uncentred)
     multiple = math.lcm(options.rank_multiple, model.config.num_attention_heads)
-    report.rank = round_rank(report.rank, report.dim, multiple)
-    total = float(report.eigenvalues.sum())
-    report.retained_variance = float(report.eigenvalues[: report.rank].sum()) / total if total > 0 else 1.0
+    hidden_options = dataclasses.replace(options, centered=False, rank_multiple=multiple)
+    return analyze_statistics(Site(HIDDEN_KEY, "hidden", stats.dim), stats, hidden_options)
+
+
+def reduce_hidden(wrapper, calibration_data, options: SpectralOptions, progress: bool = True) -> SiteReport:
+    """Analyse, slice and record the hidden width of an RMTKD model (`wrapper.model` is replaced).
+
+    Raises:
+        `ValueError` if other sites were reduced first: their recorded shapes depend on the hidden width.
+    """
+    if wrapper.config.reduced_modules:
+        raise ValueError(
+            "The hidden width must be reduced before any other site (their recorded shapes depend on it); this "
+            f"model already has {len(wrapper.config.reduced_modules)} reduced modules."
+        )
+    report = analyze_hidden(wrapper.model, calibration_data, options, progress)
+    wrapper.model, overrides = slice_hidden(wrapper.model, report.eigenvectors[:, : report.rank])
+    wrapper.config.reduced_modules[HIDDEN_KEY] = hidden_record(report, overrides)
     return report
 
 

@@ -70,15 +70,17 @@ def merge_low_rank(model: RMTKDPreTrainedModel, names: list[str] | None = None) 
 
 
 @torch.inference_mode()
-def time_forward_ms(module: nn.Module, inputs: torch.Tensor, repeats: int = 50, warmup: int = 5) -> float:
-    """Median wall time of `module(inputs)` in milliseconds (CUDA synchronised)."""
-    cuda = inputs.is_cuda
+def time_forward_ms(module: nn.Module, inputs: torch.Tensor | dict, repeats: int = 50, warmup: int = 5) -> float:
+    """Median wall time of one forward, `module(inputs)` or `module(**inputs)`, in milliseconds (CUDA synchronised)."""
+    tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
+    cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
+    call = (lambda: module(**inputs)) if isinstance(inputs, dict) else (lambda: module(inputs))
     times = []
     for i in range(warmup + repeats):
         if cuda:
             torch.cuda.synchronize()
         start = time.perf_counter()
-        module(inputs)
+        call()
         if cuda:
             torch.cuda.synchronize()
         if i >= warmup:

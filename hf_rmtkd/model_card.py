@@ -53,7 +53,7 @@ def _count(value) -> str:
     return f"{int(value):,}" if isinstance(value, (int, float)) and math.isfinite(value) else UNKNOWN
 
 
-def _megabytes(model: torch.nn.Module) -> float:
+def model_size_mb(model: torch.nn.Module) -> float:
     """Size of the parameters and buffers in MB (2**20 bytes), as the safetensors file holds them."""
     tensors = [*model.parameters(), *model.buffers()]
     return sum(t.numel() * t.element_size() for t in tensors) / 2**20
@@ -177,7 +177,7 @@ def build_model_card(
     task = TASKS.get(auto_name, "feature-extraction")
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else None) or "RMT-KD compressed model"
     params_before, mb_before = base_model_size(model)
-    params_after, mb_after = model.num_parameters(), _megabytes(model)
+    params_after, mb_after = model.num_parameters(), model_size_mb(model)
     card_data = ModelCardData(
         library_name="transformers",
         tags=list(dict.fromkeys([*TAGS, *(tags or [])])),

@@ -134,7 +134,7 @@ def select_sites(
         target_modules (`str` or `list[str]`, *optional*): a regex matched against the full module path, or a list of
             name suffixes (`"query"` matches `encoder.layer.0.attention.self.query`). An FFN site matches through its
             consumer or any producer. A named module that is no default site but is an `nn.Linear` becomes a linear
-            site. `None` selects every default site of `kinds`.
+            site. `None` selects every default site of `kinds`; an empty list selects none.
         kinds (`tuple[str, ...]`, *optional*): site kinds considered when `target_modules` is `None`.
 
     Raises:
@@ -143,6 +143,8 @@ def select_sites(
     """
     if target_modules is None:
         return find_sites(model, kinds)
+    if isinstance(target_modules, (list, tuple)) and not target_modules:
+        return []
     ffn = find_ffn_sites(model)
     in_ffn = {name for site in ffn for name in (site.name, *site.producers)}
     chosen = {s.name: s for s in ffn if any(_matches(n, target_modules) for n in (s.name, *s.producers))}

@@ -14,11 +14,11 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .analysis import SpectralOptions, SpectralReport, analyze_sites, round_rank
+from .analysis import SpectralOptions, SpectralReport, analyze_sites
 from .compression import apply_report, to_rmtkd, wrap_existing
 from .distillation import distillation_loss
-from .hidden import HIDDEN_KEY, analyze_hidden, hidden_record, slice_hidden
-from .model_card import build_model_card, metrics_from_log_history, spectrum_plots
+from .hidden import HIDDEN_KEY, reduce_hidden
+from .model_card import TAGS, build_model_card, metrics_from_log_history, spectrum_plots
 from .modeling_rmtkd import RMTKDForCausalLM, RMTKDPreTrainedModel
 from .optimizer_state import carry_optimizer_state
 from .schedule import ReductionCallback, layer_groups
@@ -29,6 +29,14 @@ from .training_args import RMTKDTrainingArguments
 
 logger = logging.getLogger(__name__)
 TEACHER_DIR = "rmtkd_teacher"
+
+
+def calibration_subset(dataset, args: RMTKDTrainingArguments):
+    """The default calibration set: a seeded `calibration_samples` (else `calibration_fraction`) of `dataset`."""
+    count = min(args.calibration_samples or math.ceil(args.calibration_fraction * len(dataset)), len(dataset))
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count]
+    indices = sorted(order.tolist())
+    return dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
 
 
 class RMTKDTrainer(Trainer):
@@ -50,7 +58,7 @@ class RMTKDTrainer(Trainer):
     reduced parameters start with fresh moments. The learning-rate schedule continues where it was.
     """
 
-    _tag_names = ["rmt-kd", "hf_rmtkd", "model-compression", "knowledge-distillation"]
+    _tag_names = TAGS
     _name = "RMT-KD"
     _paper = {
         "title": "RMT-KD: Random Matrix Theoretic Causal Knowledge Distillation",
@@ -200,14 +208,7 @@ class RMTKDTrainer(Trainer):
     def _calibration_data(self):
         dataset = self.calibration_dataset
         if dataset is None:
-            dataset = self.train_dataset
-            count = self.args.calibration_samples or math.ceil(self.args.calibration_fraction * len(dataset))
-            count = min(count, len(dataset))
-            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.args.seed))[:count]
-            indices = sorted(order.tolist())
-            dataset = (
-                dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
-            )
+            dataset = calibration_subset(self.train_dataset, self.args)
         # The eval loader shards the data across ranks; the statistics are summed over ranks afterwards.
         return self.get_eval_dataloader(dataset)
 
@@ -236,14 +237,12 @@ class RMTKDTrainer(Trainer):
             self.teacher = snapshot
         self._snapshot = snapshot
         options = SpectralOptions(**args.spectral_options())
+        calibration, progress = self._calibration_data(), self.is_world_process_zero()
         if names == [HIDDEN_KEY]:
-            report, records = self._reduce_hidden(options)
+            hidden = reduce_hidden(model, calibration, options, progress)
+            report, records = SpectralReport({HIDDEN_KEY: hidden}, options, ""), [HIDDEN_KEY]
         else:
-            sites = select_sites(model.model, names)
-            report = analyze_sites(model.model, self._calibration_data(), sites, options, self.is_world_process_zero())
-            for site in report.values():
-                floor = math.ceil(args.reduction_min_rank_ratio * site.dim)
-                site.rank = round_rank(max(site.rank, floor), site.dim, args.reduction_rank_multiple)
+            report = analyze_sites(model.model, calibration, select_sites(model.model, names), options, progress)
             records = apply_report(model, report, args.reduction_ffn_method)
         self._after_structure_change()
         params_after = model.num_parameters()
@@ -278,18 +277,6 @@ class RMTKDTrainer(Trainer):
             }
         )
         return True
-
-    def _reduce_hidden(self, options: SpectralOptions):
-        """The hidden-width reduction: analyse the residual stream, slice it, record it."""
-        model = self.model
-        hidden = analyze_hidden(model.model, self._calibration_data(), options, self.is_world_process_zero())
-        floor = math.ceil(self.args.reduction_min_rank_ratio * hidden.dim)
-        multiple = math.lcm(options.rank_multiple, model.model.config.num_attention_heads)
-        hidden.rank = round_rank(max(hidden.rank, floor), hidden.dim, multiple)
-        model.model, overrides = slice_hidden(model.model, hidden.eigenvectors[:, : hidden.rank])
-        records = {HIDDEN_KEY: hidden_record(hidden, overrides)}
-        model.config.reduced_modules.update(records)
-        return SpectralReport({HIDDEN_KEY: hidden}, options, ""), records
 
     def _metric(self) -> float:
         metrics = self.evaluate()
@@ -386,7 +373,7 @@ class RMTKDTrainer(Trainer):
                 metrics=metrics_from_log_history(self.state.log_history, first_step),
                 latency_ratio=latency_ratio,
                 plots=spectrum_plots(self.args.output_dir),
-                tags=[*self._tag_names, *(tags or [])],
+                tags=tags,  # build_model_card adds the RMT-KD tags
                 model_name=model_name,
                 license=license,
             )
@@ -413,15 +400,14 @@ class RMTKDTrainer(Trainer):
         config = json.loads((checkpoint / "config.json").read_text())
         records = config.get("reduced_modules") or {}
         new = {k: v for k, v in records.items() if k not in self.model.config.reduced_modules}
+        self.model.config.reduced_modules.update(new)
         if HIDDEN_KEY in new:
             # The hidden width changes the architecture itself: rebuild the inner model from the checkpoint's config
             # (its weights are loaded by Trainer right after).
-            self.model.config.reduced_modules.update(new)
             rebuilt = type(self.model)(copy.deepcopy(self.model.config)).model
             self.model.model = rebuilt.to(self.args.device).train(self.model.training)
         else:
             apply_structure(self.model.model, new)
-        self.model.config.reduced_modules.update(new)
         self.model.config.calibration = config.get("calibration") or {}
         state = json.loads((checkpoint / "trainer_state.json").read_text())
         exported = (state.get("stateful_callbacks") or {}).get(type(self.reduction_callback).__name__)

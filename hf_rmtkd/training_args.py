@@ -176,6 +176,7 @@ class RMTKDTrainingArguments(TrainingArguments):
             "false_alarm": self.reduction_false_alarm,
             "centered": self.reduction_centered,
             "max_samples": self.calibration_max_tokens,
+            "min_rank_ratio": self.reduction_min_rank_ratio,
             "rank_multiple": self.reduction_rank_multiple,
             "seed": self.seed if seed is None else seed,
         }

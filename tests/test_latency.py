@@ -92,6 +92,14 @@ class TestRankMultiple:
             assert record["rank"] % 8 == 0 or record["rank"] == record["dim"]
             assert record["rank"] >= plain.config.reduced_modules.get(path, record)["rank"]
 
+    def test_min_rank_ratio_floors_every_site(self):
+        floored = _compressed(min_rank_ratio=0.5)
+        assert floored.config.reduced_modules
+        for record in floored.config.reduced_modules.values():
+            assert record["rank"] >= -(-record["dim"] // 2)
+        with pytest.raises(ValueError, match="min_rank_ratio"):
+            SpectralOptions(min_rank_ratio=1.0)
+
     def test_bad_multiple_raises(self, tmp_path):
         with pytest.raises(ValueError, match="rank_multiple"):
             SpectralOptions(rank_multiple=0)

@@ -31,7 +31,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import re
 import sys
 import time
@@ -39,12 +38,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peers import drop_layers, flops, latency_ms, parameter_counts, pca_energy, size_mb, svd_like
+from peers import drop_layers, flops, parameter_counts, pca_energy, svd_like
 from results_io import machine_line, write_results
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.latency import time_forward_ms
+from hf_rmtkd.model_card import model_size_mb
+from hf_rmtkd.trainer import calibration_subset
 
 
 METHODS = ("rmtkd", "rmtkd_paper", "svd", "pca95", "layer_drop")
@@ -101,19 +103,19 @@ def measure(model, task, args, repeats: int) -> dict:
     )
     row = {"accuracy": evaluator.evaluate(task.eval)["eval_accuracy"]}
     row["params"], row["block_params"] = parameter_counts(model)
-    row["mb"] = size_mb(model)
-    model.to("cpu")
+    row["mb"] = model_size_mb(model)
+    model.to("cpu").eval()
     row["flops"] = flops(model, task.inputs(1, "cpu"))
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.use_cpu else []):
         model.to(device)
         for batch in (1, 32):
-            row[f"{device}_b{batch}_ms"] = latency_ms(model, task.inputs(batch, device), repeats)
+            row[f"{device}_b{batch}_ms"] = time_forward_ms(model, task.inputs(batch, device), repeats)
     model.to(args.device)
     return row
 
 
-def fresh_student(teacher):
-    student = copy.deepcopy(teacher)
+def trainable(student):
+    """`student` (a fresh copy of the teacher, which distillation froze) in training mode with gradients on."""
     for parameter in student.parameters():
         parameter.requires_grad_(True)
     return student.train()
@@ -132,17 +134,15 @@ def distil(student, teacher, task, args, name: str):
         args=distil_args,
         train_dataset=task.train,
         data_collator=task.collator,
-        teacher_model=copy.deepcopy(teacher),
+        teacher_model=teacher,  # frozen in place; every student is a copy made before
     )
     trainer.train()
     return trainer.model
 
 
 def calibration_loader(task, args):
-    """RMTKDTrainer's default calibration set: a seeded `calibration_fraction` (or `calibration_samples`) of train."""
-    count = args.calibration_samples or math.ceil(args.calibration_fraction * len(task.train))
-    order = torch.randperm(len(task.train), generator=torch.Generator().manual_seed(args.seed))[:count]
-    subset = torch.utils.data.Subset(task.train, sorted(order.tolist()))
+    """RMTKDTrainer's default calibration set (`calibration_subset`), batched like its evaluation loader."""
+    subset = calibration_subset(task.train, args)
     return torch.utils.data.DataLoader(subset, batch_size=args.per_device_eval_batch_size, collate_fn=task.collator)
 
 
@@ -154,7 +154,10 @@ def run_method(method: str, teacher, task, bench: BenchArguments, args, rows: di
         if method == "rmtkd_paper":
             method_args = dataclasses.replace(method_args, reduction_estimator="mp_fit", reduction_tau=0.5)
         trainer = RMTKDTrainer(
-            model=fresh_student(teacher), args=method_args, train_dataset=task.train, data_collator=task.collator
+            model=trainable(copy.deepcopy(teacher)),
+            args=method_args,
+            train_dataset=task.train,
+            data_collator=task.collator,
         )
         trainer.train()
         trainer.save_model()
@@ -163,16 +166,16 @@ def run_method(method: str, teacher, task, bench: BenchArguments, args, rows: di
     elif method == "svd":
         reference = task.load_rmtkd(out / "rmtkd")
         model, detail["ranks"] = svd_like(teacher, reference.config.reduced_modules, reference.model)
-        model = distil(fresh_student(model), teacher, task, args, method)
+        model = distil(trainable(model), teacher, task, args, method)
     elif method == "pca95":
         model, detail["ranks"] = pca_energy(
-            fresh_student(teacher), calibration_loader(task, args), args.reduction_target_modules, bench.energy
+            teacher, calibration_loader(task, args), args.reduction_target_modules, bench.energy
         )
-        model = distil(model, teacher, task, args, method)
+        model = distil(trainable(model), teacher, task, args, method)
     else:
         target = rows["rmtkd"]["params"] if "rmtkd" in rows else parameter_counts(task.load_rmtkd(out / "rmtkd"))[0]
         model, detail["kept_blocks"] = drop_layers(teacher, target)
-        model = distil(fresh_student(model), teacher, task, args, method)
+        model = distil(trainable(model), teacher, task, args, method)
     return model, detail
 
 

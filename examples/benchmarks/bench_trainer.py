@@ -15,17 +15,16 @@ Command (about 10 minutes on 2 CPU cores):
 from __future__ import annotations
 
 import copy
-import csv
 import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 import transformers
 from datasets import Dataset
-from results_io import machine_line, write_results
+from results_io import accuracy, machine_line, write_results
+from tasks import read_sst2_rows
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback
 
 import hf_rmtkd
@@ -57,17 +56,9 @@ class StepTimer(TrainerCallback):
 
 
 def read_sst2(path: Path, tokenizer, max_length: int, limit: int | None = None, seed: int = 0) -> Dataset:
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-    if limit is not None and limit < len(rows):
-        order = np.random.default_rng(seed).permutation(len(rows))[:limit]
-        rows = [rows[i] for i in sorted(order)]
+    rows = read_sst2_rows(path, limit, seed)
     encoded = tokenizer([text for _, text in rows], truncation=True, max_length=max_length)
-    return Dataset.from_dict({**encoded, "labels": [int(label) for label, _ in rows]})
-
-
-def accuracy(prediction) -> dict:
-    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+    return Dataset.from_dict({**encoded, "labels": [label for label, _ in rows]})
 
 
 def encoder_parameters(model) -> int:

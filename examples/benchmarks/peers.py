@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import copy
 import re
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -137,24 +135,24 @@ def _keep(n: int, m: int) -> list[int]:
 
 def drop_layers(teacher: nn.Module, target_params: int) -> tuple[nn.Module, dict]:
     """A copy of `teacher` keeping the same share of every block stack, the share that lands closest to `target_params`."""
-    best = None
-    for share in range(1, 101):
-        model = copy.deepcopy(teacher)
-        kept = {}
-        for name, stack in block_stacks(model):
-            n = len(stack)
-            keep = _keep(n, max(1, round(n * share / 100)))
-            children = list(stack.children())
-            new = type(stack)(*[children[i] for i in keep]) if isinstance(stack, nn.Sequential) else None
-            if new is None:
-                new = nn.ModuleList([children[i] for i in keep])
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent) if parent else model, child, new)
-            kept[name] = keep
-        params = sum(p.numel() for p in model.parameters())
-        if best is None or abs(params - target_params) < abs(best[0] - target_params):
-            best = (params, model, kept)
-    _, model, kept = best
+    stacks = block_stacks(teacher)
+    sizes = {name: [sum(p.numel() for p in child.parameters()) for child in stack] for name, stack in stacks}
+    total = sum(p.numel() for p in teacher.parameters())
+
+    def plan(share: int) -> dict[str, list[int]]:
+        return {name: _keep(len(blocks), max(1, round(len(blocks) * share / 100))) for name, blocks in sizes.items()}
+
+    def count(kept: dict[str, list[int]]) -> int:
+        return total - sum(sum(b) - sum(b[i] for i in kept[name]) for name, b in sizes.items())
+
+    kept = min((plan(share) for share in range(1, 101)), key=lambda k: abs(count(k) - target_params))
+    model = copy.deepcopy(teacher)
+    for name, keep in kept.items():
+        stack = model.get_submodule(name)
+        children = [list(stack.children())[i] for i in keep]
+        new = nn.Sequential(*children) if isinstance(stack, nn.Sequential) else nn.ModuleList(children)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "num_hidden_layers") and len(kept) == 1:
         config.num_hidden_layers = len(next(iter(kept.values())))
@@ -168,11 +166,6 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if _IN_BLOCK.search(f".{n}"))
 
 
-def size_mb(model: nn.Module) -> float:
-    """Parameters and buffers in MB (what a float32 checkpoint holds)."""
-    return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 2**20
-
-
 @torch.no_grad()
 def flops(model: nn.Module, inputs: dict) -> int:
     """FLOPs of one forward on `inputs` (matmuls and convolutions, as counted by torch's FlopCounterMode)."""
@@ -181,21 +174,3 @@ def flops(model: nn.Module, inputs: dict) -> int:
     with counter:
         model(**inputs)
     return counter.get_total_flops()
-
-
-@torch.no_grad()
-def latency_ms(model: nn.Module, inputs: dict, repeats: int, warmup: int = 5) -> float:
-    """Median wall time of one forward on `inputs`, in ms (CUDA synchronised)."""
-    model.eval()
-    cuda = any(v.is_cuda for v in inputs.values() if isinstance(v, torch.Tensor))
-    times = []
-    for i in range(repeats + warmup):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        model(**inputs)
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)

