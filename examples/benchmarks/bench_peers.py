@@ -5,6 +5,8 @@ Methods (`--methods`, comma-separated; default all):
 * `rmtkd`: `RMTKDTrainer` with its defaults (BEMA noise estimate, layer by layer, self-distillation);
 * `rmtkd_paper`: the same with the paper's estimator, `tau` = 0.5 quantile refined by an MP fit (`mp_fit`);
 * `rmtkd_hidden`: the defaults with the hidden width reduced first (`reduction_hidden_width`; transformers only);
+* `rmtkd_hidden_teacher`: the same, distilled from the fine-tuned teacher throughout (`distillation_teacher="external"`)
+  instead of from the model before each reduction;
 * `svd`: truncated SVD of the weights at RMT-KD's per-module ranks (parameter-matched), then distillation;
 * `pca95`: activation PCA with a 95%-energy rank rule at the same sites, then distillation (the no-RMT ablation);
 * `layer_drop`: evenly spaced blocks kept, parameter count matched to RMT-KD's, then distillation (DistilBERT-style).
@@ -50,13 +52,14 @@ from hf_rmtkd.model_card import model_size_mb
 from hf_rmtkd.trainer import calibration_subset
 
 
-METHODS = ("rmtkd", "rmtkd_paper", "rmtkd_hidden", "svd", "pca95", "layer_drop")
-OURS = ("rmtkd", "rmtkd_paper", "rmtkd_hidden")
+METHODS = ("rmtkd", "rmtkd_paper", "rmtkd_hidden", "rmtkd_hidden_teacher", "svd", "pca95", "layer_drop")
+OURS = ("rmtkd", "rmtkd_paper", "rmtkd_hidden", "rmtkd_hidden_teacher")
 LABELS = {
     "teacher": "teacher (fine-tuned)",
     "rmtkd": "RMT-KD, defaults (bema)",
     "rmtkd_paper": "RMT-KD, paper's tau (mp_fit, tau 0.5)",
     "rmtkd_hidden": "RMT-KD + hidden width, defaults (bema)",
+    "rmtkd_hidden_teacher": "RMT-KD + hidden width, KD from the fine-tuned teacher",
     "svd": "truncated SVD, matched params + KD",
     "pca95": "activation PCA 95% energy + KD",
     "layer_drop": "layer dropping, matched params + KD",
@@ -156,13 +159,17 @@ def run_method(method: str, teacher, task, bench: BenchArguments, args, rows: di
         method_args = dataclasses.replace(args, output_dir=str(out / method))
         if method == "rmtkd_paper":
             method_args = dataclasses.replace(method_args, reduction_estimator="mp_fit", reduction_tau=0.5)
-        if method == "rmtkd_hidden":
+        if method.startswith("rmtkd_hidden"):
             method_args = dataclasses.replace(method_args, reduction_hidden_width=True)
+        external = method == "rmtkd_hidden_teacher"
+        if external:
+            method_args = dataclasses.replace(method_args, distillation_teacher="external")
         trainer = RMTKDTrainer(
             model=trainable(copy.deepcopy(teacher)),
             args=method_args,
             train_dataset=task.train,
             data_collator=task.collator,
+            teacher_model=teacher if external else None,
         )
         trainer.train()
         trainer.save_model()
@@ -302,13 +309,13 @@ def _targets(rows: dict) -> list[str]:
             f"({100 * (1 - row['params'] / teacher['params']):.1f}% of the whole model) at {drop:+.2f} points lost; "
             f"target >= {100 * goal:.0f}% fewer at <= 1 point lost: {'met' if met else 'NOT met'}."
         )
-    if "rmtkd_hidden" in rows:
-        row = rows["rmtkd_hidden"]
+    for key in [k for k in ("rmtkd_hidden", "rmtkd_hidden_teacher") if k in rows]:
+        row = rows[key]
         fewer = 1 - row["params"] / teacher["params"]
         drop = 100 * (row["teacher_ref"]["accuracy"] - row["accuracy"])
         verdict = "met" if fewer >= 0.8 and drop <= 2 else "NOT met"
         lines.append(
-            f"- {LABELS['rmtkd_hidden']}: {100 * fewer:.1f}% fewer whole-model parameters (embeddings counted) at "
+            f"- {LABELS[key]}: {100 * fewer:.1f}% fewer whole-model parameters (embeddings counted) at "
             f"{drop:+.2f} points lost; target >= 80% fewer at <= 2 points lost (stretch: <= 1): {verdict}"
             f"{' (stretch met)' if verdict == 'met' and drop <= 1 else ''}."
         )
