@@ -189,13 +189,12 @@ def align_mean_direction(basis: torch.Tensor) -> torch.Tensor:
 
 def _metric(stats: ActivationStatistics, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`S^(1/2)` and `S^(-1/2)` of the augmented uncentred covariance of `z = [Q^T x; 1]`, shape `(k+1, k+1)`."""
-    n = max(stats.count, 1)
     k = basis.shape[1]
     cov = torch.empty(k + 1, k + 1, dtype=torch.float64)
-    cov[:k, :k] = basis.T @ (stats.sum_outer / n) @ basis
+    cov[:k, :k] = basis.T @ stats.covariance(centered=False) @ basis
     cov[:k, k] = cov[k, :k] = basis.T @ stats.mean
     cov[k, k] = 1.0
-    values, vectors = torch.linalg.eigh((cov + cov.T) / 2)
+    values, vectors = torch.linalg.eigh(cov)
     values = values.clamp_min(values.max() * 1e-10)
     return (vectors * values.sqrt()) @ vectors.T, (vectors / values.sqrt()) @ vectors.T
 
@@ -235,7 +234,7 @@ def _select_units(state, block, stats: ActivationStatistics, basis, k: int) -> N
     dense, out = block
     weight, bias = state[f"{dense}.weight"], state[f"{dense}.bias"]
     # E[(w x + b)^2] = w E[x x^T] w^T + 2 b w E[x] + b^2, per unit, on the old stream.
-    second = ((weight @ (stats.sum_outer / max(stats.count, 1))) * weight).sum(1)
+    second = ((weight @ stats.covariance(centered=False)) * weight).sum(1)
     rms = (second + 2 * bias * (weight @ stats.mean) + bias**2).clamp_min(0).sqrt()
     importance = rms * (state[f"{out}.weight"].norm(dim=0) if out else 1.0)
     kept = importance.topk(k).indices.sort().values

@@ -63,10 +63,14 @@ def merge_low_rank(model: RMTKDPreTrainedModel, names: list[str] | None = None) 
     """
     merged = []
     for path, module in _low_rank_modules(model, names):
-        _set_module(model.model, path, dense_from_low_rank(module))
-        model.config.reduced_modules[path]["merged"] = True
+        _replace_with_dense(model, path, dense_from_low_rank(module))
         merged.append(path)
     return merged
+
+
+def _replace_with_dense(model: RMTKDPreTrainedModel, path: str, dense: nn.Linear) -> None:
+    _set_module(model.model, path, dense)
+    model.config.reduced_modules[path]["merged"] = True
 
 
 @torch.inference_mode()
@@ -123,6 +127,5 @@ def optimize_for_latency(
         }
         model.config.reduced_modules[path]["latency"] = dict(decisions[path])
         if merge:
-            _set_module(model.model, path, dense)
-            model.config.reduced_modules[path]["merged"] = True
+            _replace_with_dense(model, path, dense)
     return decisions
