@@ -126,7 +126,7 @@ def compress(
         progress (`bool`, *optional*, defaults to `True`): progress bar.
         return_report (`bool`, *optional*, defaults to `False`): also return the [`SpectralReport`].
         hidden_width (`bool`, *optional*, defaults to `False`): first reduce the width of the residual stream (one
-            projection for the whole model: exact for Llama-family decoders, approximated and fitted on the data for
+            projection for the whole model: exact for Llama-family and GPT-2 decoders, approximated and fitted on the data for
             post-LN BERT, RoBERTa and MPNet encoders; see [`hf_rmtkd.hidden`]), then the other sites
             (`target_modules=[]` for none). `calibration_data` is then iterated several times (a one-shot iterator
             is materialised into a list).

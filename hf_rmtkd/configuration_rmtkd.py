@@ -6,9 +6,11 @@ import copy
 from typing import Any
 
 from transformers import AutoConfig, PreTrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
 
 SITE_KINDS = ("ffn", "linear", "hidden")
+_MISSING = object()
 _REQUIRED_RECORD_KEYS = ("kind", "in_features", "out_features", "rank")
 # Attributes that pipelines and generation read from `model.config`; the base config's values are served.
 _FORWARDED_ATTRIBUTES = (
@@ -121,8 +123,11 @@ class RMTKDConfig(PreTrainedConfig):
         if name in _FORWARDED_ATTRIBUTES:
             base = self.__dict__.get("base_config") or {}
             overrides = self.config_overrides() if "reduced_modules" in self.__dict__ else {}
-            if name in overrides:
-                return overrides[name]
-            if name in base:
-                return base[name]
+            # GPT-2 and others store `hidden_size` as `n_embd`: follow the base config class's attribute map.
+            base_class = CONFIG_MAPPING[base["model_type"]] if base.get("model_type") in CONFIG_MAPPING else None
+            keys = (name, getattr(base_class, "attribute_map", {}).get(name))
+            for values in (overrides, base):
+                found = next((values[key] for key in keys if key in values), _MISSING)
+                if found is not _MISSING:
+                    return found
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")

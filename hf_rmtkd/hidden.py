@@ -1,5 +1,5 @@
-"""The hidden-width site: one projection of the whole residual stream (Llama-family decoders here; post-LN encoders
-in [`hf_rmtkd.hidden_encoder`]).
+"""The hidden-width site: one projection of the whole residual stream (Llama-family decoders here; GPT-2 in
+[`hf_rmtkd.hidden_gpt2`], post-LN encoders in [`hf_rmtkd.hidden_encoder`]).
 
 The residual stream `x` (width `d`) is observed at the input of every decoder layer and of the final norm; the MP
 rule on its pooled, uncentred covariance gives `k`, and the top-`k` eigenvectors `Q` (`d x k`, orthonormal columns)
@@ -12,7 +12,8 @@ rotation of its stream); with `k < d` the only change is the dropped directions 
 all layers). The head dimension is kept (`head_dim` set explicitly), the embeddings are untied from the head.
 
 The result is a plain model of the same class with `hidden_size = k`: the record in `RMTKDConfig.reduced_modules`
-(kind `"hidden"`) stores the config overrides, so `from_pretrained` rebuilds it from the base config.
+(kind `"hidden"`) stores the config overrides, so `from_pretrained` rebuilds it from the base config (and, for
+GPT-2, `attention_width`, the attention width restored on reload).
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import math
 import torch
 from torch import nn
 
-from .analysis import SiteReport, SpectralOptions, analyze_statistics
+from .analysis import SiteReport, SpectralOptions, analyze_statistics, round_rank
 from .calibration import ActivationStatistics, collect_statistics
-from .hidden_encoder import ENCODER_FAMILIES, EncoderLayout, slice_encoder
+from .hidden_encoder import ENCODER_FAMILIES, EncoderLayout, align_mean_direction, slice_encoder
+from .hidden_gpt2 import GPT2_FAMILIES, gpt2_states, slice_gpt2
 from .sites import Site
 
 
@@ -33,22 +35,24 @@ HIDDEN_KEY = "<hidden_size>"
 SUPPORTED = ("llama", "mistral", "qwen2")
 
 
-def _is_encoder(model: nn.Module) -> bool:
+def _family(model: nn.Module) -> str:
+    """`"rmsnorm"` (Llama family), `"gpt2"` or `"encoder"` (post-LN); `TypeError` for anything else."""
     model_type = getattr(model.config, "model_type", None)
     if model_type in ENCODER_FAMILIES:
-        return True
+        return "encoder"
+    if model_type in GPT2_FAMILIES:
+        return "gpt2"
     if model_type not in SUPPORTED:
         raise TypeError(
-            f"The hidden-width site supports pre-norm RMSNorm decoders {SUPPORTED} and post-LN encoders "
-            f"{tuple(ENCODER_FAMILIES)}, got model_type {model_type!r} ({type(model).__name__}). LayerNorm decoders "
-            "(GPT-2) are not supported yet."
+            f"The hidden-width site supports pre-norm RMSNorm decoders {SUPPORTED}, GPT-2 {GPT2_FAMILIES} and post-LN "
+            f"encoders {tuple(ENCODER_FAMILIES)}, got model_type {model_type!r} ({type(model).__name__})."
         )
-    return False
+    return "rmsnorm"
 
 
 def _parts(model: nn.Module):
-    if _is_encoder(model):
-        raise TypeError(f"{type(model).__name__} is a post-LN encoder: see `hf_rmtkd.hidden_encoder.slice_encoder`.")
+    if _family(model) != "rmsnorm":
+        raise TypeError(f"{type(model).__name__} is not a Llama-family decoder: see `hf_rmtkd.hidden.reduce_hidden`.")
     prefix = model.base_model_prefix
     base = getattr(model, prefix, model)
     head = next(
@@ -60,8 +64,11 @@ def _parts(model: nn.Module):
 def stream_states(model: nn.Module) -> list[str]:
     """Modules whose input is a state of the residual stream: every decoder layer and the final norm, or in a post-LN
     encoder every layer, every FFN and the final reader (see [`hf_rmtkd.hidden_encoder.EncoderLayout`])."""
-    if _is_encoder(model):
+    family = _family(model)
+    if family == "encoder":
         return EncoderLayout(model).states
+    if family == "gpt2":
+        return gpt2_states(model)
     prefix, base, _ = _parts(model)
     dot = f"{prefix}." if prefix else ""
     return [f"{dot}layers.{i}" for i in range(len(base.layers))] + [f"{dot}norm"]
@@ -111,14 +118,49 @@ def reduce_hidden(wrapper, calibration_data, options: SpectralOptions, progress:
         )
     model = wrapper.model
     pooled, states = residual_statistics(model, calibration_data, options.max_samples, progress)
-    report = analyze_hidden(pooled, model.config.num_attention_heads, options)
+    family, heads = _family(model), model.config.num_attention_heads
+    report = (analyze_gpt2 if family == "gpt2" else analyze_hidden)(pooled, heads, options)
     basis = report.eigenvectors[:, : report.rank]
-    if _is_encoder(model):
+    record = {}
+    if family == "encoder":
         wrapper.model, overrides = slice_encoder(model, basis, states, calibration_data, options.max_samples, progress)
+    elif family == "gpt2":
+        wrapper.model, overrides = slice_gpt2(model, mean_aligned_basis(report.eigenvectors, report.rank))
+        record["attention_width"] = report.dim
     else:
         wrapper.model, overrides = slice_hidden(model, basis)
-    wrapper.config.reduced_modules[HIDDEN_KEY] = hidden_record(report, overrides)
+    wrapper.config.reduced_modules[HIDDEN_KEY] = {**hidden_record(report, overrides), **record}
     return report
+
+
+def centred_statistics(stats: ActivationStatistics) -> ActivationStatistics:
+    """Statistics of `C x`, `C = I - 1 1^T / d`: the stream once GPT-2's writers are centred (`hf_rmtkd.hidden_gpt2`)."""
+    centring = torch.eye(stats.dim, dtype=stats.sum_outer.dtype) - 1.0 / stats.dim
+    return ActivationStatistics(centring @ stats.sum_outer @ centring, centring @ stats.sum, stats.count)
+
+
+def analyze_gpt2(stats: ActivationStatistics, heads: int, options: SpectralOptions) -> SiteReport:
+    """MP analysis of GPT-2's centred stream. `rank` is the new width: the MP count plus one for the mean direction,
+    rounded up to a multiple of `heads` and `options.rank_multiple` (GPT-2 requires `n_embd % n_head == 0`)."""
+    site = Site(HIDDEN_KEY, "hidden", stats.dim)
+    report = analyze_statistics(
+        site, centred_statistics(stats), dataclasses.replace(options, centered=False, rank_multiple=1)
+    )
+    width = round_rank(report.rank + 1, report.dim, math.lcm(options.rank_multiple, heads))
+    total = float(report.eigenvalues.sum())
+    retained = float(report.eigenvalues[: width - 1].sum()) / total if total > 0 else 1.0
+    return dataclasses.replace(report, rank=width, retained_variance=retained)
+
+
+def mean_aligned_basis(eigenvectors: torch.Tensor, width: int) -> torch.Tensor:
+    """The basis GPT-2 is sliced with, shape `(d, width)`: the `width - 1` leading `eigenvectors` (shape `(d, d)`,
+    columns) made orthogonal to `1_d`, plus `1_d / sqrt(d)`, reflected so that `1_d` maps onto the direction of
+    `1_width` (see [`hf_rmtkd.hidden_gpt2`])."""
+    d = eigenvectors.shape[0]
+    ones = torch.full((d, 1), 1.0 / math.sqrt(d), dtype=eigenvectors.dtype)
+    top = eigenvectors[:, : width - 1]
+    top, _ = torch.linalg.qr(top - ones @ (ones.T @ top))
+    return align_mean_direction(torch.cat([top, ones], dim=1))
 
 
 @torch.no_grad()

@@ -152,7 +152,9 @@ class RMTKDPreTrainedModel(PreTrainedModel):
         head = prefix + "."
         records = {}
         for path, record in config.reduced_modules.items():
-            if path.startswith(head):
+            if record["kind"] == "hidden":
+                records[path] = record  # not a module path: applies to the whole model
+            elif path.startswith(head):
                 record = dict(record)
                 if "producers" in record:
                     record["producers"] = [p[len(head) :] for p in record["producers"]]

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .hidden_gpt2 import widen_attention
 from .layers import LowRankLinear
 from .sites import linear_shape
 
@@ -111,7 +112,10 @@ def apply_structure(model: nn.Module, records: dict[str, dict]) -> None:
     """
     for path, record in records.items():
         if record["kind"] == "hidden":
-            continue  # built from the config's overrides (hf_rmtkd.hidden), not by replacing a module
+            # Built from the config's overrides (hf_rmtkd.hidden); GPT-2 also keeps its old attention width.
+            if record.get("attention_width"):
+                widen_attention(model, record["attention_width"])
+            continue
         try:
             consumer = model.get_submodule(path)
         except AttributeError as err:

@@ -63,7 +63,7 @@ class RMTKDTrainingArguments(TrainingArguments):
             Stop rule `rho_min`: no site keeps fewer than `ceil(rho_min * d)` directions, in [0, 1).
         reduction_hidden_width (`bool`, *optional*, defaults to `False`):
             Also reduce the width of the residual stream, as the first scheduled reduction (one projection for the
-            whole model; Llama-family decoders, and BERT, RoBERTa and MPNet encoders, see `hf_rmtkd.hidden`).
+            whole model; Llama-family and GPT-2 decoders, and BERT, RoBERTa and MPNet encoders, see `hf_rmtkd.hidden`).
         reduction_rank_multiple (`int`, *optional*, defaults to 1):
             Round every retained rank up to a multiple of this, >= 1 (8 or 16 for GPU-friendly shapes).
         reduction_max_metric_drop (`float`, *optional*):
@@ -110,7 +110,7 @@ class RMTKDTrainingArguments(TrainingArguments):
     reduction_min_rank_ratio: float = field(default=0.05, metadata={"help": "Stop rule rho_min on k/d."})
     reduction_hidden_width: bool = field(
         default=False,
-        metadata={"help": "Reduce the residual-stream width first (Llama family; BERT, RoBERTa, MPNet)."},
+        metadata={"help": "Reduce the residual-stream width first (Llama family, GPT-2; BERT, RoBERTa, MPNet)."},
     )
     reduction_rank_multiple: int = field(default=1, metadata={"help": "Round ranks up to a multiple of this."})
     reduction_max_metric_drop: float | None = field(

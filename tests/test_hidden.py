@@ -93,10 +93,10 @@ class TestCompress:
             assert torch.allclose(reloaded(_ids()).logits, compressed(_ids()).logits, atol=1e-5)
 
     def test_unsupported_family_and_wrong_order_are_refused(self):
-        gpt2 = tf.GPT2LMHeadModel(tiny_config("gpt2"))  # LayerNorm decoders: not supported yet
+        distilbert = tf.DistilBertModel(tiny_config("distilbert"))  # a post-LN layout of its own: not supported
         batches = [{"input_ids": _ids()}]
         with pytest.raises(TypeError, match="pre-norm RMSNorm decoders"):
-            compress(gpt2, batches, hidden_width=True, progress=False)
+            compress(distilbert, batches, hidden_width=True, progress=False)
         reduced = compress(_llama(), batches * 4, progress=False)
         with pytest.raises(ValueError, match="hidden width must be reduced before"):
             compress(reduced, batches * 4, hidden_width=True, progress=False)

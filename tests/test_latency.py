@@ -10,9 +10,11 @@ from hf_rmtkd import LowRankLinear, RMTKDTrainingArguments, SpectralOptions, com
 from hf_rmtkd.latency import merge_low_rank, optimize_for_latency
 
 
-def _compressed(**options):
+def _compressed(family="bert", **options):
     torch.manual_seed(0)
-    model = tf.BertForSequenceClassification(tiny_config("bert", num_labels=2)).eval()
+    config = tiny_config(family, num_labels=2)
+    config.pad_token_id = 0  # GPT-2 sequence classification needs one; the ids below never use it
+    model = tf.AutoModelForSequenceClassification.from_config(config).eval()
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(5, 99, (8, 16), generator=g)} for _ in range(4)]
     return compress(model, batches, progress=False, **options).eval()
@@ -107,19 +109,26 @@ class TestRankMultiple:
             RMTKDTrainingArguments(output_dir=str(tmp_path), reduction_rank_multiple=0)
 
 
+# Plain sites only, and the hidden width too: a narrower stream in a post-LN encoder and in GPT-2 (whose attention
+# keeps its old width).
+EXPORTED = [("bert", False), ("bert", True), ("gpt2", True)]
+
+
 class TestExport:
-    def test_torch_compile_graph_matches_eager(self):
+    @pytest.mark.parametrize(("family", "hidden_width"), EXPORTED)
+    def test_torch_compile_graph_matches_eager(self, family, hidden_width):
         # aot_eager traces with dynamo and AOTAutograd without needing a C++ compiler on the test machine.
-        model = _compressed()
+        model = _compressed(family, hidden_width=hidden_width)
         with torch.no_grad():
             eager = model(**_batch()).logits
             compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(**_batch()).logits
         assert torch.allclose(compiled, eager, atol=1e-5)
 
-    def test_onnx_export_matches_pytorch(self, tmp_path):
+    @pytest.mark.parametrize(("family", "hidden_width"), EXPORTED)
+    def test_onnx_export_matches_pytorch(self, tmp_path, family, hidden_width):
         import onnxruntime as ort  # a test dependency (setup.py extra "test")
 
-        model = _compressed()
+        model = _compressed(family, hidden_width=hidden_width)
         merge_low_rank(model, _low_rank_paths(model)[:2])  # a mix of merged and factorised layers
         batch = _batch()
 

@@ -7,6 +7,7 @@ Methods (`--methods`, comma-separated; default all):
 * `rmtkd_hidden`: the defaults with the hidden width reduced first (`reduction_hidden_width`; transformers only);
 * `rmtkd_hidden_teacher`: the same, distilled from the fine-tuned teacher throughout (`distillation_teacher="external"`)
   instead of from the model before each reduction;
+* `rmtkd_hidden_long`: `rmtkd_hidden` with `LONG_FACTOR` times the epochs (does a longer recovery close the gap?);
 * `svd`: truncated SVD of the weights at RMT-KD's per-module ranks (parameter-matched), then distillation;
 * `pca95`: activation PCA with a 95%-energy rank rule at the same sites, then distillation (the no-RMT ablation);
 * `layer_drop`: evenly spaced blocks kept, parameter count matched to RMT-KD's, then distillation (DistilBERT-style).
@@ -52,14 +53,26 @@ from hf_rmtkd.model_card import model_size_mb
 from hf_rmtkd.trainer import calibration_subset
 
 
-METHODS = ("rmtkd", "rmtkd_paper", "rmtkd_hidden", "rmtkd_hidden_teacher", "svd", "pca95", "layer_drop")
-OURS = ("rmtkd", "rmtkd_paper", "rmtkd_hidden", "rmtkd_hidden_teacher")
+METHODS = (
+    "rmtkd",
+    "rmtkd_paper",
+    "rmtkd_hidden",
+    "rmtkd_hidden_teacher",
+    "rmtkd_hidden_long",
+    "svd",
+    "pca95",
+    "layer_drop",
+)
+OURS = ("rmtkd", "rmtkd_paper", "rmtkd_hidden", "rmtkd_hidden_teacher", "rmtkd_hidden_long")
+HIDDEN = ("rmtkd_hidden", "rmtkd_hidden_teacher", "rmtkd_hidden_long")
+LONG_FACTOR = 3
 LABELS = {
     "teacher": "teacher (fine-tuned)",
     "rmtkd": "RMT-KD, defaults (bema)",
     "rmtkd_paper": "RMT-KD, paper's tau (mp_fit, tau 0.5)",
     "rmtkd_hidden": "RMT-KD + hidden width, defaults (bema)",
     "rmtkd_hidden_teacher": "RMT-KD + hidden width, KD from the fine-tuned teacher",
+    "rmtkd_hidden_long": f"RMT-KD + hidden width, {LONG_FACTOR}x the epochs",
     "svd": "truncated SVD, matched params + KD",
     "pca95": "activation PCA 95% energy + KD",
     "layer_drop": "layer dropping, matched params + KD",
@@ -161,6 +174,9 @@ def run_method(method: str, teacher, task, bench: BenchArguments, args, rows: di
             method_args = dataclasses.replace(method_args, reduction_estimator="mp_fit", reduction_tau=0.5)
         if method.startswith("rmtkd_hidden"):
             method_args = dataclasses.replace(method_args, reduction_hidden_width=True)
+        if method == "rmtkd_hidden_long":
+            epochs = LONG_FACTOR * method_args.num_train_epochs
+            method_args = dataclasses.replace(method_args, num_train_epochs=epochs)
         external = method == "rmtkd_hidden_teacher"
         if external:
             method_args = dataclasses.replace(method_args, distillation_teacher="external")
@@ -309,7 +325,7 @@ def _targets(rows: dict) -> list[str]:
             f"({100 * (1 - row['params'] / teacher['params']):.1f}% of the whole model) at {drop:+.2f} points lost; "
             f"target >= {100 * goal:.0f}% fewer at <= 1 point lost: {'met' if met else 'NOT met'}."
         )
-    for key in [k for k in ("rmtkd_hidden", "rmtkd_hidden_teacher") if k in rows]:
+    for key in [k for k in HIDDEN if k in rows]:
         row = rows[key]
         fewer = 1 - row["params"] / teacher["params"]
         drop = 100 * (row["teacher_ref"]["accuracy"] - row["accuracy"])
