@@ -78,3 +78,28 @@ class TestEnergyAndLayers:
         with torch.no_grad():
             assert model(**_batches(1)[0]).logits.shape == (8, 2)
         assert flops(model, _batches(1)[0]) < flops(teacher, _batches(1)[0])
+
+
+def test_report_keeps_one_row_per_epochs_factor_and_judges_each():
+    import bench_peers
+
+    def row(accuracy, params, factor=None):
+        measured = {"accuracy": accuracy, "params": params, "block_params": params // 2, "mb": 1.0, "flops": params}
+        measured.update(cpu_b1_ms=10.0, cpu_b32_ms=100.0, ranks={"<hidden_size>": 12})
+        return {**measured, "epochs_factor": factor} if factor else measured
+
+    rows = {"teacher": row(0.85, 1000), "rmtkd": row(0.84, 700), "rmtkd_hidden_long_x8": row(0.80, 190, 8.0)}
+    rows.update(rmtkd_hidden=row(0.78, 200), rmtkd_hidden_long_x3=row(0.84, 190, 3.0))
+    for key in ("rmtkd_hidden", "rmtkd_hidden_long_x3", "rmtkd_hidden_long_x8"):
+        rows[key]["teacher_ref"] = {"accuracy": 0.85, "cpu_b1_ms": 20.0, "cpu_b32_ms": 200.0}
+    lines = bench_peers.report(rows)
+    table = [line for line in lines if line.startswith("| RMT-KD")]
+    assert [line.split(" | ")[0] for line in table] == [
+        "| RMT-KD, defaults (bema)",
+        "| RMT-KD + hidden width, defaults (bema)",
+        "| RMT-KD + hidden width, 3x the epochs",
+        "| RMT-KD + hidden width, 8x the epochs",
+    ]
+    verdicts = [line for line in lines if "whole-model parameters" in line]
+    # 80% fewer at 7 points: not met; 81% fewer at 1 point: met; 81% fewer at 5 points: not met.
+    assert ["NOT met" not in v for v in verdicts] == [False, True, False]

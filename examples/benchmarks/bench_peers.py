@@ -7,7 +7,8 @@ Methods (`--methods`, comma-separated; default all):
 * `rmtkd_hidden`: the defaults with the hidden width reduced first (`reduction_hidden_width`; transformers only);
 * `rmtkd_hidden_teacher`: the same, distilled from the fine-tuned teacher throughout (`distillation_teacher="external"`)
   instead of from the model before each reduction;
-* `rmtkd_hidden_long`: `rmtkd_hidden` with `LONG_FACTOR` times the epochs (does a longer recovery close the gap?);
+* `rmtkd_hidden_long`: `rmtkd_hidden` with `--long_epochs_factor` times the epochs (does a longer recovery close the
+  gap?);
 * `svd`: truncated SVD of the weights at RMT-KD's per-module ranks (parameter-matched), then distillation;
 * `pca95`: activation PCA with a 95%-energy rank rule at the same sites, then distillation (the no-RMT ablation);
 * `layer_drop`: evenly spaced blocks kept, parameter count matched to RMT-KD's, then distillation (DistilBERT-style).
@@ -65,14 +66,13 @@ METHODS = (
 )
 OURS = ("rmtkd", "rmtkd_paper", "rmtkd_hidden", "rmtkd_hidden_teacher", "rmtkd_hidden_long")
 HIDDEN = ("rmtkd_hidden", "rmtkd_hidden_teacher", "rmtkd_hidden_long")
-LONG_FACTOR = 3
 LABELS = {
     "teacher": "teacher (fine-tuned)",
     "rmtkd": "RMT-KD, defaults (bema)",
     "rmtkd_paper": "RMT-KD, paper's tau (mp_fit, tau 0.5)",
     "rmtkd_hidden": "RMT-KD + hidden width, defaults (bema)",
     "rmtkd_hidden_teacher": "RMT-KD + hidden width, KD from the fine-tuned teacher",
-    "rmtkd_hidden_long": f"RMT-KD + hidden width, {LONG_FACTOR}x the epochs",
+    "rmtkd_hidden_long": "RMT-KD + hidden width, {epochs_factor:g}x the epochs",
     "svd": "truncated SVD, matched params + KD",
     "pca95": "activation PCA 95% energy + KD",
     "layer_drop": "layer dropping, matched params + KD",
@@ -93,6 +93,7 @@ class BenchArguments:
     teacher_dir: str | None = field(default=None, metadata={"help": "Reuse a saved teacher instead of fine-tuning."})
     methods: str = field(default=",".join(METHODS))
     energy: float = field(default=0.95, metadata={"help": "Energy share of the PCA baseline's rank rule."})
+    long_epochs_factor: float = field(default=3.0, metadata={"help": "rmtkd_hidden_long: epochs x this, > 1."})
     latency_repeats: int = field(default=20)
     results_file: str | None = field(default=None, metadata={"help": "Markdown results file."})
 
@@ -104,6 +105,8 @@ class BenchArguments:
             raise ValueError(f"`methods` has unknown entries {sorted(unknown)}; allowed: {METHODS}.")
         if not 0 < self.energy < 1:
             raise ValueError(f"`energy` must be in (0, 1), got {self.energy}.")
+        if not self.long_epochs_factor > 1:
+            raise ValueError(f"`long_epochs_factor` must be > 1, got {self.long_epochs_factor}.")
 
 
 def measure(model, task, args, repeats: int) -> dict:
@@ -175,7 +178,8 @@ def run_method(method: str, teacher, task, bench: BenchArguments, args, rows: di
         if method.startswith("rmtkd_hidden"):
             method_args = dataclasses.replace(method_args, reduction_hidden_width=True)
         if method == "rmtkd_hidden_long":
-            epochs = LONG_FACTOR * method_args.num_train_epochs
+            detail["epochs_factor"] = bench.long_epochs_factor
+            epochs = bench.long_epochs_factor * method_args.num_train_epochs
             method_args = dataclasses.replace(method_args, num_train_epochs=epochs)
         external = method == "rmtkd_hidden_teacher"
         if external:
@@ -229,10 +233,12 @@ def main(bench: BenchArguments, args: RMTKDTrainingArguments) -> None:
     for method in bench.methods.split(","):
         began = time.perf_counter()
         model, detail = run_method(method, teacher, task, bench, args, rows)
-        rows[method] = {**measure(model, task, args, bench.latency_repeats), **detail}
-        rows[method]["minutes"] = (time.perf_counter() - began) / 60
+        # One row per epochs factor of the longer-recovery method, so several can stand side by side.
+        key = f"{method}_x{bench.long_epochs_factor:g}" if method == "rmtkd_hidden_long" else method
+        rows[key] = {**measure(model, task, args, bench.latency_repeats), **detail}
+        rows[key]["minutes"] = (time.perf_counter() - began) / 60
         # Accuracy and latency ratios are taken against the teacher of the same invocation (same machine instance).
-        rows[method]["teacher_ref"] = {k: v for k, v in current.items() if k == "accuracy" or k.endswith("_ms")}
+        rows[key]["teacher_ref"] = {k: v for k, v in current.items() if k == "accuracy" or k.endswith("_ms")}
         store.write_text(json.dumps(rows, indent=1))
     rows.setdefault("_runs", []).append({"command": " ".join(sys.argv), "minutes": (time.perf_counter() - start) / 60})
     rows["_setup"] = {**task.describe(bench, args), "machine": machine_line()}
@@ -244,6 +250,21 @@ def main(bench: BenchArguments, args: RMTKDTrainingArguments) -> None:
         print("\n".join(lines))
 
 
+def _method(key: str) -> str:
+    """The method of a row key (`rmtkd_hidden_long_x3` -> `rmtkd_hidden_long`)."""
+    return re.sub(r"_x[\d.]+$", "", key)
+
+
+def _keys(rows: dict, methods) -> list[str]:
+    """Row keys of `methods`, in `METHODS` order (several epochs factors of one method sorted by the factor)."""
+    keys = [k for k in rows if not k.startswith("_") and _method(k) in methods]
+    return sorted(keys, key=lambda k: (METHODS.index(_method(k)), rows[k].get("epochs_factor", 0)))
+
+
+def _label(key: str, row: dict) -> str:
+    return LABELS[_method(key)].format(epochs_factor=row.get("epochs_factor", 0))
+
+
 def report(rows: dict) -> list[str]:
     """Markdown: one row per method, ratios against the teacher, then the targets."""
     teacher = rows["teacher"]
@@ -251,11 +272,11 @@ def report(rows: dict) -> list[str]:
     head = "| method | accuracy (%) | vs teacher (points) | params | whole params | block params | size | FLOPs |"
     head += "".join(f" {d.upper()} speedup b1 | {d.upper()} speedup b32 |" for d in devices)
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
-    for key in ["teacher", *[m for m in METHODS if m in rows]]:
+    for key in ["teacher", *_keys(rows, METHODS)]:
         row = rows[key]
         ref = row.get("teacher_ref", teacher)
         cells = [
-            LABELS[key],
+            _label(key, row),
             f"{100 * row['accuracy']:.2f}",
             f"{100 * (row['accuracy'] - ref['accuracy']):+.2f}",
             f"{row['params']:,}",
@@ -313,44 +334,39 @@ def _targets(rows: dict) -> list[str]:
                 f"{100 * rows[peer]['accuracy']:.2f}%: {'met' if met else 'NOT met'}."
             )
     goal = 0.50 if "sst-2" in rows.get("_setup", {}).get("title", "").lower() else 0.45
-    for key in OURS:
-        if key not in rows:
-            continue
+    for key in _keys(rows, OURS):
         row = rows[key]
         fewer = 1 - row["block_params"] / teacher["block_params"]
         drop = 100 * (row.get("teacher_ref", teacher)["accuracy"] - row["accuracy"])
         met = fewer >= goal and drop <= 1.0
         lines.append(
-            f"- {LABELS[key]}: {100 * fewer:.1f}% fewer block parameters "
+            f"- {_label(key, row)}: {100 * fewer:.1f}% fewer block parameters "
             f"({100 * (1 - row['params'] / teacher['params']):.1f}% of the whole model) at {drop:+.2f} points lost; "
             f"target >= {100 * goal:.0f}% fewer at <= 1 point lost: {'met' if met else 'NOT met'}."
         )
-    for key in [k for k in HIDDEN if k in rows]:
+    for key in _keys(rows, HIDDEN):
         row = rows[key]
         fewer = 1 - row["params"] / teacher["params"]
         drop = 100 * (row["teacher_ref"]["accuracy"] - row["accuracy"])
         verdict = "met" if fewer >= 0.8 and drop <= 2 else "NOT met"
         lines.append(
-            f"- {LABELS[key]}: {100 * fewer:.1f}% fewer whole-model parameters (embeddings counted) at "
+            f"- {_label(key, row)}: {100 * fewer:.1f}% fewer whole-model parameters (embeddings counted) at "
             f"{drop:+.2f} points lost; target >= 80% fewer at <= 2 points lost (stretch: <= 1): {verdict}"
             f"{' (stretch met)' if verdict == 'met' and drop <= 1 else ''}."
         )
-    for key in OURS:
-        if key in rows:
-            flop_ratio = teacher["flops"] / rows[key]["flops"]
-            speed = rows[key].get("teacher_ref", teacher)["cpu_b1_ms"] / rows[key]["cpu_b1_ms"]
-            lines.append(
-                f"- {LABELS[key]}: CPU batch-1 speedup {speed:.2f}x against FLOP reduction {flop_ratio:.2f}x "
-                f"(target >= 0.8 x: {'met' if speed >= 0.8 * flop_ratio else 'NOT met'})."
-            )
+    for key in _keys(rows, OURS):
+        flop_ratio = teacher["flops"] / rows[key]["flops"]
+        speed = rows[key].get("teacher_ref", teacher)["cpu_b1_ms"] / rows[key]["cpu_b1_ms"]
+        lines.append(
+            f"- {_label(key, rows[key])}: CPU batch-1 speedup {speed:.2f}x against FLOP reduction {flop_ratio:.2f}x "
+            f"(target >= 0.8 x: {'met' if speed >= 0.8 * flop_ratio else 'NOT met'})."
+        )
     return lines + [""]
 
 
 def _details(rows: dict) -> list[str]:
     lines = ["## Per-method details", ""]
-    for key in METHODS:
-        if key not in rows:
-            continue
+    for key in _keys(rows, METHODS):
         row = rows[key]
         if "ranks" in row:
             # One list per site type, blocks in order: {"attention.self.query": [37, 44, ...], ...}
@@ -360,7 +376,7 @@ def _details(rows: dict) -> list[str]:
             extra = "ranks per block, " + ", ".join(f"{site}: {ranks}" for site, ranks in grouped.items())
         else:
             extra = "blocks kept: " + ", ".join(f"{stack}: {kept}" for stack, kept in row["kept_blocks"].items())
-        lines.append(f"- **{LABELS[key]}** ({row.get('minutes', 0):.1f} min): {extra}")
+        lines.append(f"- **{_label(key, row)}** ({row.get('minutes', 0):.1f} min): {extra}")
     return lines
 
 
