@@ -103,3 +103,5 @@ def test_report_keeps_one_row_per_epochs_factor_and_judges_each():
     verdicts = [line for line in lines if "whole-model parameters" in line]
     # 80% fewer at 7 points: not met; 81% fewer at 1 point: met; 81% fewer at 5 points: not met.
     assert ["NOT met" not in v for v in verdicts] == [False, True, False]
+    del rows["rmtkd"]  # targets are still judged without the plain RMT-KD row
+    assert len([line for line in bench_peers.report(rows) if "whole-model parameters" in line]) == 3

@@ -323,10 +323,10 @@ def _header(rows: dict) -> list[str]:
 def _targets(rows: dict) -> list[str]:
     teacher, lines = rows["teacher"], ["## Targets", ""]
     ours = rows.get("rmtkd")
-    if ours is None:
+    if not _keys(rows, OURS):
         return []
     for peer in ("svd", "layer_drop", "pca95"):
-        if peer in rows:
+        if peer in rows and ours is not None:
             met = ours["accuracy"] >= rows[peer]["accuracy"]
             matched = "parameter-matched" if peer != "pca95" else f"not matched: {rows[peer]['params']:,} params"
             lines.append(
