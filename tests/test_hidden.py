@@ -102,6 +102,15 @@ class TestCompress:
             compress(reduced, batches * 4, hidden_width=True, progress=False)
 
 
+def hidden_trainer_args(path, **overrides):
+    """Short `RMTKDTrainer` runs whose first scheduled reduction is the hidden width (tiny models, CPU)."""
+    from test_trainer import _args
+
+    hidden = dict(max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3, calibration_samples=16)
+    hidden.update(reduction_hidden_width=True, reduction_warmup_steps=1, reduction_recovery_steps=3)
+    return _args(path, **{**hidden, **overrides})
+
+
 class TestTrainer:
     @staticmethod
     def _data():
@@ -110,18 +119,12 @@ class TestTrainer:
         ids = torch.randint(2, 99, (32, 10), generator=torch.Generator().manual_seed(0))
         return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
 
-    @staticmethod
-    def _args(path, **overrides):
-        from test_trainer import _args
-
-        hidden = dict(max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3, calibration_samples=16)
-        hidden.update(reduction_hidden_width=True, reduction_warmup_steps=1, reduction_recovery_steps=3)
-        return _args(path, **{**hidden, **overrides})
-
     def test_hidden_width_is_the_first_scheduled_reduction_and_resumes(self, tmp_path):
         from hf_rmtkd import RMTKDTrainer
 
-        full = RMTKDTrainer(model=_planted()[0], args=self._args(tmp_path / "full"), train_dataset=self._data())
+        full = RMTKDTrainer(
+            model=_planted()[0], args=hidden_trainer_args(tmp_path / "full"), train_dataset=self._data()
+        )
         start = full.model.num_parameters()
         full.train()
         history = full.reduction_callback.history
@@ -139,7 +142,7 @@ class TestTrainer:
                 control.should_training_stop = state.global_step >= 3
 
         saving = dict(save_strategy="steps", save_steps=2)
-        cut_args = self._args(tmp_path / "cut", **saving)
+        cut_args = hidden_trainer_args(tmp_path / "cut", **saving)
         RMTKDTrainer(model=_planted()[0], args=cut_args, train_dataset=self._data(), callbacks=[StopAt3()]).train()
         resumed = RMTKDTrainer(model=_planted()[0], args=cut_args, train_dataset=self._data())
         resumed.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-2"))

@@ -128,22 +128,13 @@ class TestCompress:
 class TestTrainer:
     def test_hidden_width_is_scheduled_first_on_an_encoder(self, tmp_path):
         from datasets import Dataset
-        from test_trainer import _args
+        from test_hidden import hidden_trainer_args
 
         from hf_rmtkd import RMTKDTrainer
 
         ids = torch.randint(3, 99, (32, 12), generator=torch.Generator().manual_seed(0))
         data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": (ids[:, 0] % 3).tolist()})
-        args = _args(
-            tmp_path,
-            max_steps=8,
-            per_device_train_batch_size=8,
-            learning_rate=1e-3,
-            calibration_samples=16,
-            reduction_hidden_width=True,
-            reduction_warmup_steps=1,
-            reduction_recovery_steps=3,
-        )
+        args = hidden_trainer_args(tmp_path)
         model = _model("bert", tf.BertForSequenceClassification, norm_weights=(0.8, 1.2))
         trainer = RMTKDTrainer(model=model, args=args, train_dataset=data)
         trainer.train()

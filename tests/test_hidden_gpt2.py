@@ -135,24 +135,12 @@ class TestCompress:
 
 
 def test_hidden_width_is_the_first_scheduled_reduction_on_gpt2(tmp_path):
-    from datasets import Dataset
-    from test_trainer import _args
+    from test_hidden import TestTrainer, hidden_trainer_args
 
     from hf_rmtkd import RMTKDTrainer
 
-    ids = torch.randint(2, 99, (32, 10), generator=torch.Generator().manual_seed(0))
-    data = Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
-    args = _args(
-        tmp_path / "run",
-        max_steps=8,
-        per_device_train_batch_size=8,
-        learning_rate=1e-3,
-        calibration_samples=16,
-        reduction_hidden_width=True,
-        reduction_warmup_steps=1,
-        reduction_recovery_steps=3,
-    )
-    trainer = RMTKDTrainer(model=_planted()[0], args=args, train_dataset=data)
+    args = hidden_trainer_args(tmp_path / "run")
+    trainer = RMTKDTrainer(model=_planted()[0], args=args, train_dataset=TestTrainer._data())
     trainer.train()
     history = trainer.reduction_callback.history
     assert history[0]["reduced"] == [HIDDEN_KEY] and trainer.model.model.config.n_embd == 12
