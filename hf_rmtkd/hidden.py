@@ -28,6 +28,7 @@ from .analysis import SiteReport, SpectralOptions, analyze_statistics, round_ran
 from .calibration import ActivationStatistics, collect_statistics
 from .hidden_encoder import ENCODER_FAMILIES, EncoderLayout, align_mean_direction, slice_encoder
 from .hidden_gpt2 import GPT2_FAMILIES, gpt2_states, slice_gpt2
+from .hidden_rebuild import float64_state, rebuild
 from .sites import Site
 
 
@@ -120,15 +121,16 @@ def reduce_hidden(wrapper, calibration_data, options: SpectralOptions, progress:
     pooled, states = residual_statistics(model, calibration_data, options.max_samples, progress)
     family, heads = _family(model), model.config.num_attention_heads
     report = (analyze_gpt2 if family == "gpt2" else analyze_hidden)(pooled, heads, options)
-    basis = report.eigenvectors[:, : report.rank]
+    top = report.eigenvectors[:, : report.rank]
     record = {}
     if family == "encoder":
-        wrapper.model, overrides = slice_encoder(model, basis, states, calibration_data, options.max_samples, progress)
+        wrapper.model, overrides = slice_encoder(model, top, states, calibration_data, options.max_samples, progress)
     elif family == "gpt2":
+        # `rank` - 1 MP directions and the all-ones direction (see `analyze_gpt2`).
         wrapper.model, overrides = slice_gpt2(model, mean_aligned_basis(report.eigenvectors, report.rank))
         record["attention_width"] = report.dim
     else:
-        wrapper.model, overrides = slice_hidden(model, basis)
+        wrapper.model, overrides = slice_hidden(model, top)
     wrapper.config.reduced_modules[HIDDEN_KEY] = {**hidden_record(report, overrides), **record}
     return report
 
@@ -186,8 +188,7 @@ def slice_hidden(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict
         "rms_norm_eps": config.rms_norm_eps * d / k,
         "tie_word_embeddings": False,
     }
-    new_config = config.__class__.from_dict({**config.to_dict(), **overrides})
-    state = {name: t.detach().to("cpu", torch.float64) for name, t in model.state_dict().items()}
+    state = float64_state(model)
     dot = f"{prefix}." if prefix else ""
 
     def writer(name):  # rows of a module that writes into the stream: W (d, *) -> Q^T W (k, *)
@@ -213,12 +214,7 @@ def slice_hidden(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict
         head_name = next(n for n, m in model.named_modules() if m is head)
         reader(f"{head_name}.weight", f"{dot}norm.weight")
     state[f"{dot}norm.weight"] = torch.ones(k, dtype=torch.float64)
-    reference = next(model.parameters())
-    new = type(model)(new_config).to(device=reference.device, dtype=reference.dtype)
-    missing, unexpected = new.load_state_dict({n: t.to(reference.dtype) for n, t in state.items()}, strict=False)
-    if unexpected or [m for m in missing if not m.endswith("rotary_emb.inv_freq")]:
-        raise RuntimeError(f"Hidden-width slicing left keys unmatched: missing {missing}, unexpected {unexpected}.")
-    return new.train(model.training), overrides
+    return rebuild(model, overrides, state), overrides
 
 
 def hidden_record(report: SiteReport, overrides: dict) -> dict:

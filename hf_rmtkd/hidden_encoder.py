@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from .calibration import ActivationStatistics, flatten_samples, run_calibration, sum_across_processes
+from .hidden_rebuild import float64_state, rebuild
 
 
 # Paths inside one encoder layer: query, key, value, attention output, norm 1, FFN in, FFN out, norm 2.
@@ -274,7 +275,7 @@ def slice_encoder(
     collector = NormFitCollector(model, layout.norms, q, max_samples)
     run_calibration(model, calibration_data, collector, progress)
     norm_fits = collector.fits()
-    state = {name: t.detach().to("cpu", torch.float64) for name, t in model.state_dict().items()}
+    state = float64_state(model)
     for name in [n for n in state if n.startswith(f"{layout.embeddings}.") and n.endswith("embeddings.weight")]:
         state[name] = state[name] @ q
     for i, paths in enumerate(layout.layers):
@@ -290,8 +291,4 @@ def slice_encoder(
     if layout.tanh_block:
         _select_units(state, layout.tanh_block, stats[layout.states[-1]], q, k)
     overrides = {"hidden_size": k}
-    new_config = config.__class__.from_dict({**config.to_dict(), **overrides})
-    reference = next(model.parameters())
-    new = type(model)(new_config).to(device=reference.device, dtype=reference.dtype)
-    new.load_state_dict({n: t.to(reference.dtype) for n, t in state.items()}, strict=True)
-    return new.train(model.training), overrides
+    return rebuild(model, overrides, state), overrides

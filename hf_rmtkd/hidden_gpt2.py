@@ -29,6 +29,8 @@ from torch import nn
 from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
 from transformers.pytorch_utils import Conv1D
 
+from .hidden_rebuild import float64_state, rebuild
+
 
 GPT2_FAMILIES = ("gpt2",)
 HEAD_NAMES = ("lm_head", "score", "classifier")
@@ -95,7 +97,7 @@ def slice_gpt2(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict]:
         "layer_norm_epsilon": config.layer_norm_epsilon * d / w,
         "tie_word_embeddings": False,
     }
-    state = {name: t.detach().to("cpu", torch.float64) for name, t in model.state_dict().items()}
+    state = float64_state(model)
 
     def centred(rows):  # rows of stream vectors, minus their mean over the d coordinates
         return rows - rows.mean(dim=-1, keepdim=True)
@@ -127,12 +129,4 @@ def slice_gpt2(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict]:
             new_weight = new_weight - new_weight.mean(dim=1, keepdim=True) + (weight @ b)[:, None] / w
             state[f"{dot}ln_f.bias"] = torch.ones(w, dtype=q.dtype)
         state[f"{name}.weight"] = new_weight
-    new_config = config.__class__.from_dict({**config.to_dict(), **overrides})
-    reference = next(model.parameters())
-    new = type(model)(new_config)
-    widen_attention(new, d)
-    new = new.to(device=reference.device, dtype=reference.dtype)
-    missing, unexpected = new.load_state_dict({n: t.to(reference.dtype) for n, t in state.items()}, strict=False)
-    if unexpected or missing:
-        raise RuntimeError(f"Hidden-width slicing left keys unmatched: missing {missing}, unexpected {unexpected}.")
-    return new.train(model.training), overrides
+    return rebuild(model, overrides, state, prepare=lambda new: widen_attention(new, d)), overrides
