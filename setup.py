@@ -6,12 +6,6 @@ from setuptools import find_packages, setup
 
 
 ROOT = Path(__file__).parent
-TEMPLATE = ROOT / "model_card_template.md"
-PACKAGED_TEMPLATE = ROOT / "hf_rmtkd" / "templates" / "model_card_template.md"
-# The top-level template is the source of truth; a copy inside the package ships in the wheel.
-if TEMPLATE.exists():
-    PACKAGED_TEMPLATE.parent.mkdir(exist_ok=True)
-    PACKAGED_TEMPLATE.write_text(TEMPLATE.read_text(encoding="utf-8"), encoding="utf-8")
 
 setup(
     name="hf_rmtkd",
@@ -22,7 +16,7 @@ setup(
     license="Apache-2.0",
     python_requires=">=3.10",
     packages=find_packages(include=["hf_rmtkd", "hf_rmtkd.*"]),
-    # The model-card template lives at the top level of the repository and is shipped inside the package.
+    # The model-card template the package uses; tests/test_model_card.py keeps the top-level copy identical.
     package_data={"hf_rmtkd": ["templates/*.md"]},
     install_requires=[
         "torch>=2.2",

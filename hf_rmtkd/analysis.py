@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
@@ -167,6 +168,11 @@ def analyze_statistics(site: Site, stats: ActivationStatistics, options: Spectra
     n = stats.count - 1 if options.centered else stats.count
     if n < 2:
         raise ValueError(f"Module {site.name!r} saw {stats.count} calibration samples; at least 3 are needed.")
+    if not torch.isfinite(cov).all():
+        raise ValueError(
+            f"Module {site.name!r}: the activation covariance is not finite (its float64 sums overflowed, or the "
+            "statistics hold NaN): check the model's weights and inputs at that module before calibrating."
+        )
     if n < stats.dim:
         warnings.warn(
             f"Module {site.name!r}: {stats.count} calibration samples for width {stats.dim} (q = {stats.dim / n:.2f} > 1); "
@@ -178,7 +184,15 @@ def analyze_statistics(site: Site, stats: ActivationStatistics, options: Spectra
     fit = fit_spectrum(eigenvalues, n, options.estimator, options.tau, options.false_alarm)
     floor = max(options.min_rank, math.ceil(options.min_rank_ratio * stats.dim))
     rank = round_rank(max(fit.rank, floor), stats.dim, options.rank_multiple)
-    if fit.rank < options.min_rank:
+    if float(eigenvalues[0]) == 0.0:
+        # A dead layer (constant input, e.g. zeroed weights): no signal at all; keep the floor, the surgery
+        # compensates nothing, and the output is unchanged.
+        warnings.warn(
+            f"Module {site.name!r}: its input is constant on the calibration data (zero covariance: a dead layer); "
+            f"keeping the minimum rank {rank}.",
+            stacklevel=3,
+        )
+    elif fit.rank < options.min_rank:
         warnings.warn(
             f"Module {site.name!r}: no eigenvalue rises above the MP edge (sigma2={fit.sigma2:.4g}, "
             f"lambda_plus={fit.lambda_plus:.4g}); keeping the minimum rank {rank}.",
@@ -214,6 +228,19 @@ def analyze_sites(
     return SpectralReport({s.name: analyze_statistics(s, stats[s.name], options) for s in sites}, options, fingerprint)
 
 
+def _merged_copy_of_peft(model: nn.Module) -> nn.Module:
+    """A `peft.PeftModel` as `compress` sees it: a merged copy (so the sites are the base model's, not LoRA's
+    internals, and the model passed in keeps its adapters); any other model is returned as is."""
+    try:
+        from peft import PeftModel
+    except ImportError:
+        return model
+    if not isinstance(model, PeftModel):
+        return model
+    # merge_and_unload works in place: merge a copy (this costs one model's memory while the analysis runs).
+    return copy.deepcopy(model).merge_and_unload()
+
+
 def analyze(
     model: nn.Module,
     calibration_data: Iterable,
@@ -224,7 +251,8 @@ def analyze(
     """Analyse the activation spectra of a model's reducible sites, without changing the model.
 
     Args:
-        model (`nn.Module`): a Hugging Face model, an RMTKD model, or any torch module.
+        model (`nn.Module`): a Hugging Face model, an RMTKD model, or any torch module. A `peft.PeftModel` is
+            analysed as `compress` reduces it, merged (on a copy; the model passed in keeps its adapters).
         calibration_data (`Iterable`): batches: dicts of tensors (`model(**batch)`) or tensors (`model(batch)`).
         target_modules (`str` or `list[str]`, *optional*): regex or list of name suffixes, as peft's
             `target_modules`; by default every reducible site (FFN inner widths and the linear layers of the blocks).
@@ -244,7 +272,7 @@ def analyze(
     >>> report.plot("spectra/")
     ```
     """
-    inner = getattr(model, "rmtkd_inner_model", model)
+    inner = _merged_copy_of_peft(getattr(model, "rmtkd_inner_model", model))
     return analyze_sites(
         inner, calibration_data, select_sites(inner, target_modules), SpectralOptions(**options), progress
     )

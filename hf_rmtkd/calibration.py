@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -61,9 +63,11 @@ class ActivationStatistics:
 def batch_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Raw float64 sums `(sum x x^T, sum x, n)` of samples `x` of shape `(n, d)`.
 
-    The product is taken in float32 (float64 for float64 inputs) around the batch mean `c`, where it loses nothing to cancellation, and then
-    shifted back in float64: `sum x x^T = sum (x - c)(x - c)^T + n c c^T`. Several times faster than a float64
-    product on CPU; the result is a raw sum, so batches and processes add.
+    The product is taken in float32 (float64 for float64 inputs) around the batch mean `c`, where it loses nothing to
+    cancellation, and then shifted back in float64: `sum x x^T = sum (x - c)(x - c)^T + n c c^T`. Several times faster
+    than a float64 product on CPU; the result is a raw sum, so batches and processes add. Before the float32 product
+    the centred samples are divided by a power of two `s >= max |x - c|` (exact), and the product is multiplied by
+    `s^2` in float64: squares of float32 activations above ~1.8e19 would overflow float32 (below ~1e-19, underflow).
     """
     x = x.detach()
     n = x.shape[0]
@@ -72,10 +76,66 @@ def batch_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
     if n == 0:
         return torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64), total.cpu(), 0
     mean = total / n
-    # float64 activations keep a float64 product; lower precisions are multiplied in float32.
-    centred = (wide - mean).to(torch.promote_types(x.dtype, torch.float32))
-    outer = (centred.T @ centred).to(torch.float64) + n * torch.outer(mean, mean)
+    centred = wide - mean
+    if x.dtype == torch.float64:
+        product = centred.T @ centred
+    else:
+        largest = float(centred.abs().max())
+        scale = 2.0 ** math.frexp(largest)[1] if 0.0 < largest < math.inf else 1.0
+        scaled = (centred / scale).to(torch.promote_types(x.dtype, torch.float32))
+        product = (scaled.T @ scaled).to(torch.float64) * (scale * scale)
+    outer = product + n * torch.outer(mean, mean)
     return outer.cpu(), total.cpu(), n
+
+
+def check_finite_sums(name: str, outer: torch.Tensor, total: torch.Tensor) -> None:
+    """Raise `ValueError` naming module `name` if its activation sums overflowed float64."""
+    if not (torch.isfinite(outer).all() and torch.isfinite(total).all()):
+        raise ValueError(
+            f"The activation statistics at the input of module {name!r} overflowed float64 (activations above "
+            "~1e154): the model's activations there are too large to analyse; check its weights, or rescale that layer "
+            "and the next one."
+        )
+
+
+# Values a dataset row holds where a batch holds tensors.
+_ROW_TYPES = (list, tuple, str, int, float, np.ndarray)
+_WHAT_TO_DO = (
+    "A `datasets.Dataset` cannot be passed directly: wrap it in a DataLoader with a collator, e.g. "
+    "`DataLoader(dataset.remove_columns(...), batch_size=16, collate_fn=DataCollatorWithPadding(tokenizer))`, or pass "
+    "a list of dicts of batched tensors."
+)
+
+
+def check_batch(batch) -> None:
+    """Refuse a calibration item that is not a batch (a dataset row, a list of tensors), saying what to do.
+
+    A batch is a tensor, or a mapping of tensors for `model(**batch)` (`input_ids` of shape `(batch, seq)`,
+    `pixel_values` of shape `(batch, channels, height, width)`); non-tensor options such as `None` or booleans pass.
+
+    Raises:
+        `TypeError` for lists, strings, numbers or arrays, or an unbatched `input_ids`/`pixel_values`.
+    """
+    if not isinstance(batch, Mapping):
+        if isinstance(batch, _ROW_TYPES):
+            raise TypeError(
+                f"`calibration_data` yields a {type(batch).__name__}; each item must be a tensor (`model(batch)`) or "
+                f"a dict of batched tensors (`model(**batch)`). {_WHAT_TO_DO}"
+            )
+        return
+    for key, value in batch.items():
+        if isinstance(value, _ROW_TYPES) and not isinstance(value, bool):
+            raise TypeError(
+                f"`calibration_data` yields single rows, not batches: {key!r} is a {type(value).__name__}, not a "
+                f"batched tensor. {_WHAT_TO_DO}"
+            )
+    for key, dims in (("input_ids", 1), ("pixel_values", 3)):
+        value = batch.get(key)
+        if isinstance(value, torch.Tensor) and value.dim() == dims:
+            raise TypeError(
+                f"`calibration_data` yields single rows, not batches: {key!r} has shape {tuple(value.shape)}, without "
+                f"a batch axis. {_WHAT_TO_DO}"
+            )
 
 
 def flatten_samples(x: torch.Tensor, mask: torch.Tensor | None, conv: bool) -> torch.Tensor:
@@ -133,6 +193,7 @@ class ActivationCollector:
                         "check the model's weights, the inputs and the dtype before calibrating."
                     )
                 cached = (x, batch_sums(samples))
+                check_finite_sums(name, *cached[1][:2])
                 self._seen[key] = cached
             sums = cached[1]
             if stats is None:
@@ -219,7 +280,7 @@ def run_calibration(model: nn.Module, calibration_data: Iterable, collector, pro
         The sha256 hex digest of the calibration batches.
 
     Raises:
-        `ValueError` if the data is empty.
+        `ValueError` if the data is empty; `TypeError` if it yields dataset rows rather than batches.
     """
     device = _model_device(model)
     digest = hashlib.sha256()
@@ -233,6 +294,7 @@ def run_calibration(model: nn.Module, calibration_data: Iterable, collector, pro
     try:
         with torch.no_grad():
             for batch in tqdm(calibration_data, desc="calibration", disable=not (progress and is_main), leave=False):
+                check_batch(batch)
                 _fingerprint_update(digest, batch)
                 if isinstance(batch, Mapping):
                     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import weakref
 from collections.abc import Iterable
 
 import torch
@@ -13,9 +14,11 @@ from transformers import PreTrainedModel
 from .analysis import SpectralOptions, SpectralReport, analyze_sites
 from .configuration_rmtkd import RMTKDConfig
 from .hidden import HIDDEN_KEY, reduce_hidden
+from .layers import LowRankLinear
 from .modeling_rmtkd import RMTKDPreTrainedModel, wrapper_class_for
-from .sites import select_sites
-from .surgery import reduce_site
+from .processing import find_processing_class
+from .sites import linear_shape, select_sites
+from .surgery import FFN_METHODS, reduce_site
 
 
 logger = logging.getLogger(__name__)
@@ -33,19 +36,86 @@ def merge_peft(model: nn.Module) -> nn.Module:
     return model
 
 
-def to_rmtkd(model: PreTrainedModel | RMTKDPreTrainedModel) -> RMTKDPreTrainedModel:
-    """Wrap a Hugging Face model in the RMTKD class of its task, sharing its modules (no copy).
-
-    An RMTKD model is returned as is.
+class _Wrapped:
+    """Left in the inner model's `__dict__` (not a submodule, never saved) by `to_rmtkd`: its wrapper, weakly, and
+    the wrapper's config. A model object handed to `compress` is reduced in place; this lets a second `compress` of
+    that object (a re-run notebook cell) continue from the first one's records instead of writing a checkpoint that
+    cannot load. Copies and pickles keep the config only (a weak reference can be neither).
     """
+
+    __slots__ = ("config", "wrapper")
+
+    def __init__(self, wrapper: RMTKDPreTrainedModel | None, config: RMTKDConfig):
+        self.wrapper = weakref.ref(wrapper) if wrapper is not None else (lambda: None)
+        self.config = config
+
+    def __reduce__(self):
+        return _Wrapped, (None, self.config)
+
+
+_MARK = "_rmtkd_wrapped"
+
+
+def _mark(model: PreTrainedModel, wrapper: RMTKDPreTrainedModel) -> None:
+    model.__dict__[_MARK] = _Wrapped(wrapper, wrapper.config)
+
+
+def _records_describe(model: nn.Module, records: dict[str, dict]) -> bool:
+    """Whether `model`'s modules have the reduced shapes `records` say (so the records can be continued)."""
+    for path, record in records.items():
+        if record["kind"] == "hidden":
+            if getattr(model.config, "hidden_size", None) != record["rank"]:
+                return False
+            continue
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:
+            return False
+        if record["kind"] == "linear" and not record.get("merged"):
+            if not isinstance(module, LowRankLinear) or module.rank != record["rank"]:
+                return False
+        elif record["kind"] == "ffn" and linear_shape(module)[0] != record["rank"]:
+            return False
+    return True
+
+
+def _existing_wrapper(model: PreTrainedModel) -> RMTKDPreTrainedModel | None:
+    """The RMTKD wrapper `model` was reduced under, or a new one over the same records; `None` if never wrapped.
+
+    Raises:
+        `ValueError` if `model` was wrapped but its wrapper's records no longer describe it.
+    """
+    mark = model.__dict__.get(_MARK)
+    if mark is None:
+        return None
+    wrapper, config = mark.wrapper(), mark.config
+    if wrapper is not None and wrapper.model is model:
+        return wrapper
+    if not _records_describe(model, config.reduced_modules):
+        raise ValueError(
+            f"This {type(model).__name__} was handed to hf_rmtkd (compress, to_rmtkd or RMTKDTrainer) and the RMTKD "
+            "model made from it has since been rebuilt, so its records no longer describe this object. Pass the RMTKD "
+            "model that call returned (or `trainer.model`) instead of the original object."
+        )
+    # The wrapper is gone (a re-run cell dropped it) but the records still describe the modules: continue from them.
+    wrapper = wrap_existing(wrapper_class_for(model), config, model)
+    _mark(model, wrapper)
+    return wrapper
+
+
+def _wrap(model: PreTrainedModel | RMTKDPreTrainedModel) -> tuple[RMTKDPreTrainedModel, bool]:
+    """`to_rmtkd`, and whether the wrapper is new (nothing wrapped `model` before)."""
     model = merge_peft(model)
     if isinstance(model, RMTKDPreTrainedModel):
-        return model
+        return model, False
     if not isinstance(model, PreTrainedModel):
         raise TypeError(
             f"compress() needs a transformers PreTrainedModel to write the RMTKD checkpoint format, got "
             f"{type(model).__name__}; for a plain nn.Module use hf_rmtkd.analyze and hf_rmtkd.surgery.reduce_site."
         )
+    existing = _existing_wrapper(model)
+    if existing is not None:
+        return existing, False
     config = RMTKDConfig(
         base_config=model.config.to_dict(),
         base_architecture=type(model).__name__,
@@ -53,7 +123,22 @@ def to_rmtkd(model: PreTrainedModel | RMTKDPreTrainedModel) -> RMTKDPreTrainedMo
         id2label=getattr(model.config, "id2label", None),
         label2id=getattr(model.config, "label2id", None),
     )
-    return wrap_existing(wrapper_class_for(model), config, model).to(model.device)
+    wrapper = wrap_existing(wrapper_class_for(model), config, model).to(model.device)
+    _mark(model, wrapper)
+    return wrapper, True
+
+
+def to_rmtkd(model: PreTrainedModel | RMTKDPreTrainedModel) -> RMTKDPreTrainedModel:
+    """Wrap a Hugging Face model in the RMTKD class of its task, sharing its modules (no copy).
+
+    An RMTKD model is returned as is. A model wrapped before (an earlier `compress` reduced it in place) gets the
+    wrapper whose records describe its reductions, so they are continued, never forgotten.
+
+    Raises:
+        `TypeError` for a model that is not a `PreTrainedModel`; `ValueError` for a model whose RMTKD wrapper has
+        since rebuilt its modules (pass that wrapper instead).
+    """
+    return _wrap(model)[0]
 
 
 def wrap_existing(
@@ -66,29 +151,53 @@ def wrap_existing(
     return cls(config, model=model)
 
 
+def _site_error(name: str, error: Exception) -> Exception:
+    cls = TypeError if isinstance(error, TypeError) else ValueError
+    return cls(f"Reducing site {name!r} failed, so no site was reduced (the model is as it was): {error}")
+
+
 def apply_report(
     model: RMTKDPreTrainedModel, report: SpectralReport, ffn_method: str = "select", names: Iterable[str] | None = None
 ) -> dict[str, dict]:
     """Reduce the sites of `report` (or only `names`) in `model` and record them in its config.
 
+    All or nothing: surgery replaces modules (it never writes into existing ones), so if any site fails, the modules
+    replaced before it are put back and the config is left as it was.
+
     Returns:
         The new config records, keyed by module path.
+
+    Raises:
+        `ValueError` (or `TypeError`) naming the site whose surgery failed; the model is then unchanged.
     """
     options = report.options
-    records = {}
-    spectra = model.__dict__.setdefault("rmtkd_spectra", {})
-    for name in names or list(report):
-        # Keep what the card's plots need, not the (d, d) eigenvectors and sums.
-        spectra[name] = dataclasses.replace(report[name], eigenvectors=torch.empty(0), statistics=None)
-        record = reduce_site(model.model, report[name], options.centered, ffn_method)
-        if record is None:
-            continue
-        previous = model.config.reduced_modules.get(name)
-        if previous is not None:
-            # A second reduction of the same site: shapes stay relative to the original module.
-            record["in_features"], record["out_features"] = previous["in_features"], previous["out_features"]
-        record.update(estimator=options.estimator, tau=options.tau, false_alarm=options.false_alarm)
-        records[name] = record
+    records, spectra = {}, {}
+    inner = model.model
+    replaced: list[tuple[str, nn.Module]] = []  # (path, module before the surgery), to put back on failure
+    try:
+        for name in names or list(report):
+            site = report[name]
+            try:
+                replaced.extend((path, inner.get_submodule(path)) for path in (name, *site.producers))
+                record = reduce_site(inner, site, options.centered, ffn_method)
+            except Exception as error:
+                raise _site_error(name, error) from error
+            # Keep what the card's plots need, not the (d, d) eigenvectors and sums.
+            spectra[name] = dataclasses.replace(site, eigenvectors=torch.empty(0), statistics=None)
+            if record is None:
+                continue
+            previous = model.config.reduced_modules.get(name)
+            if previous is not None:
+                # A second reduction of the same site: shapes stay relative to the original module.
+                record["in_features"], record["out_features"] = previous["in_features"], previous["out_features"]
+            record.update(estimator=options.estimator, tau=options.tau, false_alarm=options.false_alarm)
+            records[name] = record
+    except BaseException:
+        for path, module in reversed(replaced):
+            parent_path, _, child = path.rpartition(".")
+            setattr(inner.get_submodule(parent_path) if parent_path else inner, child, module)
+        raise
+    model.__dict__.setdefault("rmtkd_spectra", {}).update(spectra)
     model.config.reduced_modules.update(records)
     model.config.calibration = {
         "fingerprint": report.fingerprint,
@@ -112,14 +221,17 @@ def compress(
     progress: bool = True,
     return_report: bool = False,
     hidden_width: bool = False,
+    processing_class=None,
     **options,
 ) -> RMTKDPreTrainedModel | tuple[RMTKDPreTrainedModel, SpectralReport]:
     """Compress a trained model with the MP rule, without fine-tuning (post-training compression).
 
     Args:
         model (`PreTrainedModel`): the model to compress; it is reduced in place and wrapped (a `PeftModel` is
-            merged first).
-        calibration_data (`Iterable`): batches as for [`analyze`].
+            merged first). Compressing the same object again (or the returned RMTKD model) continues from the
+            first call's records: the result holds both rounds and saves and loads.
+        calibration_data (`Iterable`): batches as for [`analyze`] (a `datasets.Dataset` of rows is refused: wrap it
+            in a `DataLoader` with a collator).
         target_modules (`str` or `list[str]`, *optional*): sites to reduce, as in [`analyze`]; default every site.
         ffn_method (`str`, *optional*, defaults to `"select"`): FFN surgery, `"select"` or `"project"` (the paper's
             fold); see [`hf_rmtkd.surgery`].
@@ -130,22 +242,50 @@ def compress(
             post-LN BERT, RoBERTa and MPNet encoders; see [`hf_rmtkd.hidden`]), then the other sites
             (`target_modules=[]` for none). `calibration_data` is then iterated several times (a one-shot iterator
             is materialised into a list).
+        processing_class (*optional*): tokenizer or processor that `save_pretrained` of the result writes beside the
+            weights (so `pipeline(task, model=folder)` works). By default the one saved in the folder the model was
+            loaded from, if any.
         **options: fields of [`SpectralOptions`].
 
     Returns:
         An `RMTKDFor<Task>` model whose `config.reduced_modules` records every reduction; `save_pretrained` writes it
         and `AutoModelFor<Task>.from_pretrained` reloads it after `import hf_rmtkd`.
+
+    Raises:
+        `ValueError` / `TypeError` naming the argument, module or site at fault. Nothing is reduced then: the model
+        is left as it was.
     """
-    wrapper = to_rmtkd(model)
+    if ffn_method not in FFN_METHODS:
+        raise ValueError(f"`ffn_method` must be one of {FFN_METHODS}, got {ffn_method!r}.")
     spectral = SpectralOptions(**options)
-    if hidden_width and iter(calibration_data) is calibration_data:
-        calibration_data = list(calibration_data)  # iterated more than once below
-    hidden = reduce_hidden(wrapper, calibration_data, spectral, progress) if hidden_width else None
-    sites = select_sites(wrapper.model, target_modules)
-    report = SpectralReport({}, spectral, "")
-    if sites:
-        report = analyze_sites(wrapper.model, calibration_data, sites, spectral, progress)
-        apply_report(wrapper, report, ffn_method)
+    wrapper, created = _wrap(model)
+    inner, config = wrapper.model, wrapper.config
+    before = (dict(config.reduced_modules), dict(config.calibration))
+    try:
+        select_sites(inner, target_modules)  # names that match nothing raise before any work
+        if hidden_width and iter(calibration_data) is calibration_data:
+            calibration_data = list(calibration_data)  # iterated more than once below
+        hidden = reduce_hidden(wrapper, calibration_data, spectral, progress) if hidden_width else None
+        sites = select_sites(wrapper.model, target_modules)
+        report = SpectralReport({}, spectral, "")
+        if sites:
+            report = analyze_sites(wrapper.model, calibration_data, sites, spectral, progress)
+            apply_report(wrapper, report, ffn_method)
+    except BaseException:
+        # The hidden width swaps in a rebuilt model; apply_report has already put its own sites back.
+        wrapper.model = inner
+        config.reduced_modules, config.calibration = before
+        if created:
+            inner.__dict__.pop(_MARK, None)
+        raise
+    if wrapper.model is not inner:
+        # Rebuilt for the hidden width: the object passed in was not reduced, and the records describe the new one.
+        inner.__dict__.pop(_MARK, None)
+        _mark(wrapper.model, wrapper)
+    if processing_class is not None:
+        wrapper.processing_class = processing_class
+    elif wrapper.processing_class is None:
+        wrapper.processing_class = find_processing_class(wrapper) or find_processing_class(inner)
     if hidden is not None:
         report = SpectralReport({HIDDEN_KEY: hidden, **report}, spectral, report.fingerprint)
     return (wrapper, report) if return_report else wrapper

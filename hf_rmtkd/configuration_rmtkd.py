@@ -51,6 +51,10 @@ class RMTKDConfig(PreTrainedConfig):
         calibration (`dict`, *optional*):
             Provenance of the calibration: token count, fingerprint (sha256 of the calibration batches), seed,
             estimator, `tau`, false-alarm level and whether the covariance was centred.
+        weights_sha256 (`str`, *optional*):
+            sha256 of the saved weights (every tensor of the safetensors files: name, dtype, shape, bytes, in sorted
+            key order), written by `save_pretrained` and checked by `from_pretrained`; `None` in older checkpoints,
+            which load unchecked.
 
     Example:
 
@@ -67,6 +71,7 @@ class RMTKDConfig(PreTrainedConfig):
     base_architecture: str | None = None
     reduced_modules: dict | None = None
     calibration: dict | None = None
+    weights_sha256: str | None = None
 
     def __post_init__(self, **kwargs):
         self.reduced_modules = dict(self.reduced_modules or {})
@@ -101,6 +106,11 @@ class RMTKDConfig(PreTrainedConfig):
         """The uncompressed model's config, rebuilt through `AutoConfig.for_model`."""
         if not self.base_config:
             raise ValueError("`RMTKDConfig.base_config` is empty: this config does not describe a model.")
+        if not isinstance(self.base_config, dict):
+            raise ValueError(
+                f"`RMTKDConfig.base_config` must be a dict (the base model's `config.to_dict()`), got "
+                f"{type(self.base_config).__name__}: config.json was edited or written by hand."
+            )
         values = copy.deepcopy(self.base_config)
         model_type = values.pop("model_type", None)
         if model_type is None:

@@ -26,9 +26,11 @@ from torch import nn
 
 from .analysis import SiteReport, SpectralOptions, analyze_statistics, round_rank
 from .calibration import ActivationStatistics, collect_statistics
-from .hidden_encoder import ENCODER_FAMILIES, EncoderLayout, align_mean_direction, slice_encoder
+from .hidden_encoder import ENCODER_FAMILIES, EncoderLayout, align_mean_direction, encoder_basis, slice_encoder
 from .hidden_gpt2 import GPT2_FAMILIES, gpt2_states, slice_gpt2
 from .hidden_rebuild import float64_state, rebuild
+from .kept_basis import StreamMap, add_stream_map
+from .relaxation import relax_rank
 from .sites import Site
 
 
@@ -102,36 +104,94 @@ def analyze_hidden(stats: ActivationStatistics, heads: int, options: SpectralOpt
     return analyze_statistics(Site(HIDDEN_KEY, "hidden", stats.dim), stats, hidden_options)
 
 
-def reduce_hidden(wrapper, calibration_data, options: SpectralOptions, progress: bool = True) -> SiteReport:
+def step_width(current: int, mp_width: int, steps_left: int, relaxation: float = 0.0) -> int:
+    """The width of one hidden-width step, before rounding.
+
+    Progressive width reaches the MP width in `steps_left` geometric steps: `current * (mp / current)^(1 / steps)`
+    (the MP width itself when `steps_left` is 1). `relaxation` in [0, 1) moves it towards `current` by that share of
+    the gap (the gentler rank a metric budget retries with).
+    """
+    if steps_left < 1:
+        raise ValueError(f"`steps_left` must be >= 1, got {steps_left}.")
+    target = mp_width if steps_left == 1 else current * (mp_width / current) ** (1.0 / steps_left)
+    return relax_rank(max(mp_width, round(target)), current, relaxation)
+
+
+def reduce_hidden(
+    wrapper,
+    calibration_data,
+    options: SpectralOptions,
+    progress: bool = True,
+    steps_left: int = 1,
+    relaxation: float = 0.0,
+) -> SiteReport:
     """Analyse, slice and record the hidden width of an RMTKD model (`wrapper.model` is replaced).
 
     Decoders are sliced exactly up to the dropped directions; post-LN encoders are approximated (their norms fitted
     on a second pass over `calibration_data`, which must then be re-iterable, see [`hf_rmtkd.hidden_encoder`]) and
-    need distillation to recover.
+    need distillation to recover. The map from the old stream to the new one is kept on `wrapper` (see
+    [`hf_rmtkd.kept_basis`]) for representation distillation.
+
+    Args:
+        steps_left (`int`, *optional*, defaults to 1): progressive width: hidden-width steps left including this
+            one; the width is a geometric step towards the MP width (see [`step_width`]).
+        relaxation (`float`, *optional*, defaults to 0): share of the gap to the current width added back.
+
+    Returns:
+        The [`SiteReport`]; its `rank` is the new width (`dim` when nothing was dropped, then the model is unchanged).
 
     Raises:
-        `ValueError` if other sites were reduced first: their recorded shapes depend on the hidden width.
+        `ValueError` if sites other than the hidden width were reduced first: their recorded shapes depend on it.
     """
-    if wrapper.config.reduced_modules:
+    others = [name for name in wrapper.config.reduced_modules if name != HIDDEN_KEY]
+    if others:
         raise ValueError(
             "The hidden width must be reduced before any other site (their recorded shapes depend on it); this "
-            f"model already has {len(wrapper.config.reduced_modules)} reduced modules."
+            f"model already has {len(others)} reduced modules."
         )
     model = wrapper.model
     pooled, states = residual_statistics(model, calibration_data, options.max_samples, progress)
     family, heads = _family(model), model.config.num_attention_heads
     report = (analyze_gpt2 if family == "gpt2" else analyze_hidden)(pooled, heads, options)
-    top = report.eigenvectors[:, : report.rank]
+    multiple = math.lcm(options.rank_multiple, heads)
+    previous = wrapper.config.reduced_modules.get(HIDDEN_KEY)
+    # Progressive width re-estimates the MP width at every step, but never goes below the first estimate: the
+    # narrower model's own spectrum would otherwise pull the target down step after step.
+    mp_width = max(report.rank, previous.get("first_mp_width", 0)) if previous else report.rank
+    width = round_rank(step_width(report.dim, mp_width, steps_left, relaxation), report.dim, multiple)
+    report = dataclasses.replace(report, rank=width)
+    if width >= report.dim:
+        return report
+    top = report.eigenvectors[:, :width]
     record = {}
     if family == "encoder":
         wrapper.model, overrides = slice_encoder(model, top, states, calibration_data, options.max_samples, progress)
+        stream_map = StreamMap(encoder_basis(top), compare_final=True)
     elif family == "gpt2":
-        # `rank` - 1 MP directions and the all-ones direction (see `analyze_gpt2`).
-        wrapper.model, overrides = slice_gpt2(model, mean_aligned_basis(report.eigenvectors, report.rank))
+        # `width` - 1 MP directions and the all-ones direction (see `analyze_gpt2`).
+        basis = mean_aligned_basis(report.eigenvectors, width)
+        wrapper.model, overrides = slice_gpt2(model, basis)
         record["attention_width"] = report.dim
+        # The student's stream is the centred teacher stream, projected.
+        stream_map = StreamMap(basis - basis.mean(dim=0, keepdim=True), compare_final=False)
     else:
         wrapper.model, overrides = slice_hidden(model, top)
-    wrapper.config.reduced_modules[HIDDEN_KEY] = {**hidden_record(report, overrides), **record}
+        stream_map = StreamMap(top, compare_final=False)
+    add_stream_map(wrapper, stream_map)
+    new = {**hidden_record(report, overrides), **record, "first_mp_width": mp_width}
+    if previous is not None:
+        # A later progressive step: the record stays relative to the original model.
+        new.update(
+            dim=previous["dim"],
+            in_features=previous["in_features"],
+            out_features=previous["out_features"],
+            config_overrides={**previous["config_overrides"], **overrides},
+            widths=previous.get("widths", [previous["rank"]]) + [width],
+        )
+        for key in ("attention_width", "first_mp_width"):
+            if key in previous:
+                new[key] = previous[key]
+    wrapper.config.reduced_modules[HIDDEN_KEY] = new
     return report
 
 

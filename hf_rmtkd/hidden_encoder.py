@@ -188,6 +188,12 @@ def align_mean_direction(basis: torch.Tensor) -> torch.Tensor:
     return basis - 2 * torch.outer(basis @ v, v) / (v @ v)
 
 
+def encoder_basis(basis: torch.Tensor) -> torch.Tensor:
+    """The basis [`slice_encoder`] slices with, shape `(d, k)` float64 CPU: `basis` aligned to the stream coordinates,
+    then to the mean direction. The student's stream is approximately the teacher's times this matrix."""
+    return align_mean_direction(align_to_coordinates(basis.to("cpu", torch.float64)))
+
+
 def _metric(stats: ActivationStatistics, basis: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`S^(1/2)` and `S^(-1/2)` of the augmented uncentred covariance of `z = [Q^T x; 1]`, shape `(k+1, k+1)`."""
     k = basis.shape[1]
@@ -271,7 +277,7 @@ def slice_encoder(
     heads = config.num_attention_heads
     if k % heads:
         raise ValueError(f"The kept width {k} must be a multiple of the {heads} attention heads.")
-    q = align_mean_direction(align_to_coordinates(basis.to("cpu", torch.float64)))
+    q = encoder_basis(basis)
     collector = NormFitCollector(model, layout.norms, q, max_samples)
     run_calibration(model, calibration_data, collector, progress)
     norm_fits = collector.fits()

@@ -91,6 +91,8 @@ def slice_gpt2(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict]:
     heads = [name for name in HEAD_NAMES if isinstance(getattr(model, name, None), nn.Linear)]
     scale = math.sqrt(d / w)
     q = basis.to(torch.float64).cpu()
+    # The attention keeps the width it had (the original n_embd, also when this is a later, progressive step).
+    attention_width = base.h[0].attn.c_proj.weight.shape[0]
     overrides = {
         "n_embd": w,
         "n_inner": config.n_inner or 4 * d,
@@ -129,4 +131,4 @@ def slice_gpt2(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict]:
             new_weight = new_weight - new_weight.mean(dim=1, keepdim=True) + (weight @ b)[:, None] / w
             state[f"{dot}ln_f.bias"] = torch.ones(w, dtype=q.dtype)
         state[f"{name}.weight"] = new_weight
-    return rebuild(model, overrides, state, prepare=lambda new: widen_attention(new, d)), overrides
+    return rebuild(model, overrides, state, prepare=lambda new: widen_attention(new, attention_width)), overrides

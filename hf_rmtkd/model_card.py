@@ -25,13 +25,10 @@ TASKS = {
     "AutoModelForImageClassification": "image-classification",
     "AutoModel": "feature-extraction",
 }
-_REPO_ROOT_TEMPLATE = Path(__file__).resolve().parent.parent / "model_card_template.md"
 
 
 def template_path() -> Path:
-    """The card template: the repository's top-level file in a source checkout, else the copy shipped in the wheel."""
-    if _REPO_ROOT_TEMPLATE.is_file():
-        return _REPO_ROOT_TEMPLATE
+    """The card template shipped inside the package (`hf_rmtkd/templates/model_card_template.md`)."""
     shipped = resources.files("hf_rmtkd") / "templates" / "model_card_template.md"
     if shipped.is_file():
         return Path(str(shipped))

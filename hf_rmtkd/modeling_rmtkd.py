@@ -1,8 +1,8 @@
 """RMTKD model classes: rebuild the reduced shapes of any supported architecture from `RMTKDConfig` alone.
 
-This file and the ones it imports relatively (configuration_rmtkd, surgery, layers, sites) are copied next to every
-saved checkpoint, so it also loads with `trust_remote_code=True` where hf_rmtkd is not installed: keep their imports
-to torch, transformers and each other.
+This file and the ones it imports relatively (configuration_rmtkd, integrity, surgery, layers, sites) are copied next
+to every saved checkpoint, so it also loads with `trust_remote_code=True` where hf_rmtkd is not installed: keep their
+imports to torch, transformers, the standard library and each other.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from transformers import (
 from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_rmtkd import RMTKDConfig
+from .integrity import raise_on_bad_weights, safetensors_sha256, verify_weights, weight_files
 from .surgery import apply_structure
 
 
@@ -110,6 +111,8 @@ class RMTKDPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = True
     _supports_attention_backend = True
+    # The tokenizer or processor `save_pretrained` writes beside the weights (set by `hf_rmtkd.compress`).
+    processing_class = None
 
     def __init__(self, config: RMTKDConfig, model: PreTrainedModel | None = None):
         super().__init__(config)
@@ -129,8 +132,21 @@ class RMTKDPreTrainedModel(PreTrainedModel):
     @classmethod
     def _resolve_architecture(cls, config: RMTKDConfig) -> tuple[type[PreTrainedModel], str]:
         """The class to build for this task and the prefix dropped from the saved module paths ('' if none)."""
+        if not isinstance(config.base_architecture, str) or not config.base_architecture:
+            raise ValueError(
+                "This RMTKD config has no `base_architecture` (the class name of the uncompressed model, e.g. "
+                "'BertForSequenceClassification'): its config.json was edited or written by hand. Restore the field "
+                "from the original checkpoint."
+            )
         base_config = config.get_base_config()
         saved = _architecture_class(config.base_architecture, base_config)
+        expected = getattr(saved, "config_class", None)
+        if isinstance(expected, type) and not isinstance(base_config, expected):
+            raise ValueError(
+                f"The checkpoint's base config (`base_config.model_type` {base_config.model_type!r}) does not match "
+                f"its architecture {config.base_architecture} (model_type {getattr(expected, 'model_type', '?')!r}): "
+                "config.json was edited or does not belong to these weights. Restore it from the original checkpoint."
+            )
         try:
             task_class = cls._task_auto_class._model_mapping[type(base_config)]
         except KeyError:
@@ -168,6 +184,7 @@ class RMTKDPreTrainedModel(PreTrainedModel):
         * A task checkpoint loaded as the base model has its key prefix mapped (`model.bert.` -> `model.`).
         * A checkpoint whose weights do not match the ranks in its config raises `ValueError` naming the module and
           both shapes, instead of a silently re-initialised layer.
+        * A checkpoint whose config records `weights_sha256` is checked against it (`ValueError` naming the file).
         """
         config = kwargs.pop("config", None)
         hub_kwargs = {
@@ -190,7 +207,10 @@ class RMTKDPreTrainedModel(PreTrainedModel):
             **kwargs,
         )
         if not user_ignores_mismatch:
-            _raise_on_bad_weights(model, info, pretrained_model_name_or_path)
+            raise_on_bad_weights(model, info, pretrained_model_name_or_path)
+        if kwargs.get("state_dict") is None and kwargs.get("gguf_file") is None:
+            hub_kwargs.pop("local_files_only", None)
+            verify_weights(config.weights_sha256, pretrained_model_name_or_path, kwargs.get("variant"), **hub_kwargs)
         return (model, info) if want_info else model
 
     def save_pretrained(self, save_directory, is_main_process: bool = True, **kwargs):
@@ -198,12 +218,22 @@ class RMTKDPreTrainedModel(PreTrainedModel):
 
         The config gets an `auto_map` and the code files (`configuration_rmtkd.py`, `modeling_rmtkd.py` and the
         modules they import) are copied beside the weights, so the folder (or a Hub repo made from it) also loads with
-        `AutoModelFor<Task>.from_pretrained(path, trust_remote_code=True)` on a machine without hf_rmtkd.
+        `AutoModelFor<Task>.from_pretrained(path, trust_remote_code=True)` on a machine without hf_rmtkd. The config
+        records the sha256 of the weights as written (`weights_sha256`, checked by `from_pretrained`), and the
+        `processing_class` (tokenizer or processor), if any, is saved beside them.
         """
         self.config.auto_map = dict(AUTO_MAP)
+        # No stale hash in the config written with the weights; the new one is written once they are on disk.
+        self.config.weights_sha256 = None
         super().save_pretrained(save_directory, is_main_process=is_main_process, **kwargs)
         if is_main_process:
             custom_object_save(self, save_directory)
+            files = weight_files(save_directory, kwargs.get("variant"))
+            if files:
+                self.config.weights_sha256 = safetensors_sha256(files)
+                self.config.save_pretrained(save_directory)
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(save_directory)
 
     def push_to_hub(
         self,
@@ -268,51 +298,6 @@ class RMTKDPreTrainedModel(PreTrainedModel):
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         return self.model.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)
-
-
-def _module_of(key: str) -> str:
-    """Module path of a parameter key, without the wrapper's `model.` prefix."""
-    path = key.rsplit(".", 1)[0]
-    return path[len("model.") :] if path.startswith("model.") else path
-
-
-def _owning_record(config: RMTKDConfig, module: str) -> str | None:
-    """The `reduced_modules` entry a module belongs to (the site itself, a part of it, or one of its producers)."""
-    for path, record in config.reduced_modules.items():
-        for owned in (path, *record.get("producers", [])):
-            if module == owned or module.startswith(owned + "."):
-                return path
-    return None
-
-
-def _raise_on_bad_weights(model: RMTKDPreTrainedModel, info: dict, source) -> None:
-    """Refuse a checkpoint whose tensors do not fit the shapes its config implies."""
-    mismatched = sorted(info.get("mismatched_keys") or [], key=lambda item: item[0])
-    if mismatched:
-        key, saved, expected = mismatched[0]
-        module = _module_of(key)
-        owner = _owning_record(model.config, module)
-        recorded = f" (recorded rank {model.config.reduced_modules[owner]['rank']})" if owner else ""
-        raise ValueError(
-            f"Checkpoint {str(source)!r} does not match its recorded ranks: reduced module {owner or module!r}{recorded}: "
-            f"tensor {key[len('model.') :]!r} has shape {tuple(saved)} in the checkpoint but {tuple(expected)} from the "
-            f"config ({len(mismatched)} mismatched tensor(s) in all)."
-        )
-    missing = [k for k in info.get("missing_keys") or [] if k not in model.all_tied_weights_keys]
-    if missing:
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-        shown = ", ".join(f"{_module_of(k)} ({k.rsplit('.', 1)[-1]} {expected.get(k)})" for k in sorted(missing)[:5])
-        raise ValueError(
-            f"Checkpoint {str(source)!r} lacks weights the config's ranks require: {shown}"
-            f"{' ...' if len(missing) > 5 else ''}; refusing to return re-initialised layers."
-        )
-    reduced = tuple(model.config.reduced_modules)
-    unexpected = [k for k in info.get("unexpected_keys") or [] if _module_of(k).startswith(reduced)]
-    if unexpected:
-        raise ValueError(
-            f"Checkpoint {str(source)!r} holds tensors {sorted(unexpected)[:5]} that the reduced modules recorded in "
-            "its config do not have; the weights do not match the recorded ranks."
-        )
 
 
 class RMTKDModel(RMTKDPreTrainedModel):

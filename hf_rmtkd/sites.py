@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .layers import LowRankLinear
+
 
 # Feed-forward blocks, as paths relative to their parent: (producers of the inner width, consumer of it).
 # The inner activation is an elementwise function of the producers' outputs, so slicing them is exact.
@@ -26,6 +28,8 @@ CONV_PATTERNS: dict[str, tuple[tuple[str, ...], str]] = {
     "resnet basic block": (("conv1", "bn1"), "conv2"),
 }
 LINEAR_TYPES = (nn.Linear, Conv1D)
+# Linear sites: dense layers, and earlier factorisations (refactorised from the dense map they compute).
+REDUCIBLE_LINEAR_TYPES = (*LINEAR_TYPES, LowRankLinear)
 CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d)
 SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D")
 # Linear sites default to the repeated blocks: a path with a layer index. Heads, poolers and embeddings
@@ -51,8 +55,9 @@ class Site:
 
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """`(in_features, out_features)` of an `nn.Linear` or a GPT-2 `Conv1D`; channels of an `nn.Conv2d`/`BatchNorm2d`."""
-    if isinstance(module, nn.Linear):
+    """`(in_features, out_features)` of an `nn.Linear`, a GPT-2 `Conv1D` or a `LowRankLinear`; channels of an
+    `nn.Conv2d`/`BatchNorm2d`."""
+    if isinstance(module, (nn.Linear, LowRankLinear)):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
@@ -101,18 +106,34 @@ def find_ffn_sites(model: nn.Module) -> list[Site]:
     return sites
 
 
+def _low_rank_paths(model: nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if name and isinstance(module, LowRankLinear)]
+
+
+def _inside(name: str, parents: list[str]) -> bool:
+    return any(name.startswith(parent + ".") for parent in parents)
+
+
 def find_sites(model: nn.Module, kinds: tuple[str, ...] = ("ffn", "linear")) -> list[Site]:
     """All default reduction sites of `model`, in forward (module registration) order.
 
     FFN sites come from `FFN_PATTERNS`; linear sites are the remaining `nn.Linear`/`Conv1D` modules inside the
     repeated blocks (paths with a layer index), so output heads, poolers and embeddings are never touched by default.
+    A `LowRankLinear` (an earlier factorisation) is one linear site; its `down`/`up` parts never are, so compressing
+    a compressed model never nests factorisations.
     """
     ffn = find_ffn_sites(model) if "ffn" in kinds else []
     taken = {name for site in find_ffn_sites(model) for name in (site.name, *site.producers)}
+    low_rank = _low_rank_paths(model)
     sites = {site.name: site for site in ffn}
     if "linear" in kinds:
         for name, module in model.named_modules():
-            if isinstance(module, LINEAR_TYPES) and name not in taken and _BLOCK_INDEX.search(f".{name}."):
+            if (
+                isinstance(module, REDUCIBLE_LINEAR_TYPES)
+                and name not in taken
+                and not _inside(name, low_rank)
+                and _BLOCK_INDEX.search(f".{name}.")
+            ):
                 sites[name] = Site(name, "linear", linear_shape(module)[0])
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(sites.values(), key=lambda s: order[s.name])
@@ -121,7 +142,37 @@ def find_sites(model: nn.Module, kinds: tuple[str, ...] = ("ffn", "linear")) -> 
 def _matches(name: str, target: str | list[str]) -> bool:
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
-    return any(name == t or name.endswith(f".{t}") for t in target)
+    return any(_entry_matches(name, t) for t in target)
+
+
+def _entry_matches(name: str, entry: str) -> bool:
+    return name == entry or name.endswith(f".{entry}")
+
+
+def _no_match_error(model: nn.Module, wanted: str | list[str], hint: str = "", label: str = "") -> ValueError:
+    names = [n for n, _ in model.named_modules() if n]
+    entries = [wanted] if isinstance(wanted, str) else list(wanted)
+    close = sorted(
+        {m for t in entries for m in difflib.get_close_matches(t, names + [n.split(".")[-1] for n in names], 5)}
+    )
+    return ValueError(
+        f"{label or '`target_modules`='}{wanted!r} matches no module of {type(model).__name__} that can be reduced{hint}. "
+        f"Close matches: {close or 'none'}."
+    )
+
+
+def _why_not(model: nn.Module, target: str | list[str], low_rank: list[str]) -> str:
+    """Why modules matched by `target` are no sites (parts of a `LowRankLinear`, or containers), for the error."""
+    matched = [(n, m) for n, m in model.named_modules() if n and _matches(n, target)]
+    if matched and all(_inside(n, low_rank) for n, _ in matched):
+        return (
+            " (it names only the down/up parts of LowRankLinear layers, which are never sites: name the LowRankLinear "
+            "itself to reduce it further)"
+        )
+    if matched:
+        kinds = sorted({type(m).__name__ for _, m in matched})
+        return f" (it names only {', '.join(kinds)} modules, which are no sites: name the linear layers inside)"
+    return ""
 
 
 def select_sites(
@@ -133,12 +184,13 @@ def select_sites(
         model (`nn.Module`): the model to search.
         target_modules (`str` or `list[str]`, *optional*): a regex matched against the full module path, or a list of
             name suffixes (`"query"` matches `encoder.layer.0.attention.self.query`). An FFN site matches through its
-            consumer or any producer. A named module that is no default site but is an `nn.Linear` becomes a linear
-            site. `None` selects every default site of `kinds`; an empty list selects none.
+            consumer or any producer. A named module that is no default site but is an `nn.Linear` (or a
+            `LowRankLinear`) becomes a linear site; the `down`/`up` parts of a `LowRankLinear` never do. `None`
+            selects every default site of `kinds`; an empty list selects none.
         kinds (`tuple[str, ...]`, *optional*): site kinds considered when `target_modules` is `None`.
 
     Raises:
-        `ValueError` if `target_modules` names nothing in the model (with close matches);
+        `ValueError` if `target_modules` (a regex), or any entry of the list, selects no site (with close matches);
         `TypeError` if it names a module of an unsupported type.
     """
     if target_modules is None:
@@ -146,12 +198,13 @@ def select_sites(
     if isinstance(target_modules, (list, tuple)) and not target_modules:
         return []
     ffn = find_ffn_sites(model)
+    low_rank = _low_rank_paths(model)
     in_ffn = {name for site in ffn for name in (site.name, *site.producers)}
     chosen = {s.name: s for s in ffn if any(_matches(n, target_modules) for n in (s.name, *s.producers))}
     for name, module in model.named_modules():
-        if not name or name in in_ffn or not _matches(name, target_modules):
+        if not name or name in in_ffn or _inside(name, low_rank) or not _matches(name, target_modules):
             continue
-        if isinstance(module, LINEAR_TYPES):
+        if isinstance(module, REDUCIBLE_LINEAR_TYPES):
             chosen[name] = Site(name, "linear", linear_shape(module)[0])
         elif not any(isinstance(child, LINEAR_TYPES) for child in module.modules()):
             raise TypeError(
@@ -159,14 +212,13 @@ def select_sites(
                 f"supported types are {', '.join(SUPPORTED_TYPES)} and the blocks of {', '.join([*FFN_PATTERNS, *CONV_PATTERNS])}."
             )
     if not chosen:
-        names = [n for n, _ in model.named_modules() if n]
-        wanted = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-        close = sorted(
-            {m for t in wanted for m in difflib.get_close_matches(t, names + [n.split(".")[-1] for n in names], 5)}
-        )
-        raise ValueError(
-            f"`target_modules`={target_modules!r} matches no module of {type(model).__name__}. "
-            f"Close matches: {close or 'none'}."
-        )
+        raise _no_match_error(model, target_modules, _why_not(model, target_modules, low_rank))
+    if not isinstance(target_modules, str):
+        # Every entry must select something: a typo beside a valid name would otherwise be silently ignored.
+        for entry in target_modules:
+            paths = [p for site in chosen.values() for p in (site.name, *site.producers)]
+            if not any(_entry_matches(p, entry) for p in paths):
+                hint = _why_not(model, [entry], low_rank)
+                raise _no_match_error(model, entry, hint, label="`target_modules` entry ")
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(chosen.values(), key=lambda s: order[s.name])

@@ -23,7 +23,9 @@ defined there (BatchNorm and ReLU sit between the convolutions).
 
 Linear factorisation (`kind="linear"`): with `P` the top-`k` eigenvectors of the input covariance,
 `W x ~ (W P^T) P x + W (mu - P^T P mu)`: exact on the retained subspace and in the mean. It is applied only where it
-saves parameters, `k (d_in + d_out) < d_in d_out`.
+saves parameters, `k (d_in + d_out) < d_in d_out`. A `LowRankLinear` site (a second compression) is refactorised the
+same way from the dense map `up.W down.W` it computes, when the new rank is lower than its own; it stays one
+`LowRankLinear` (never nested).
 """
 
 from __future__ import annotations
@@ -51,6 +53,11 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
 def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight as `(out_features, in_features)` float64 (`(out, in, kh, kw)` for a convolution), and the bias."""
     # Surgery runs on the CPU in float64, beside the statistics; `_assign` copies results back to the module's device.
+    if isinstance(module, LowRankLinear):
+        # Re-reducing a factorised layer: start from the dense map it computes, `up.W down.W`.
+        down, _ = _weight_and_bias(module.down)
+        weight, bias = _weight_and_bias(module.up)
+        return weight @ down, bias
     weight = module.weight.detach().to(device="cpu", dtype=torch.float64)
     if isinstance(module, Conv1D):
         weight = weight.T
@@ -205,9 +212,15 @@ def _reduce_ffn(model: nn.Module, site, centered: bool, method: str) -> bool:
     if method == "select":
         cov = stats.covariance(centered)
         keep = pivoted_cholesky(cov, k)
-        ridge = 1e-8 * float(cov.diagonal().mean()) * torch.eye(k, dtype=cov.dtype)
-        # B = C[:, S] C[S, S]^-1, via a solve on the symmetric (k, k) block.
-        mixing = torch.linalg.solve(cov[keep][:, keep] + ridge, cov[keep, :]).T
+        scale = float(cov.diagonal().mean())
+        if scale > 0:
+            ridge = 1e-8 * scale * torch.eye(k, dtype=cov.dtype)
+            # B = C[:, S] C[S, S]^-1, via a solve on the symmetric (k, k) block.
+            mixing = torch.linalg.solve(cov[keep][:, keep] + ridge, cov[keep, :]).T
+        else:
+            # Zero covariance (a dead layer): the dropped neurons are constant, so only the mean term below carries
+            # them; there is nothing to reconstruct from the kept ones (and the solve would be singular).
+            mixing = torch.zeros(cov.shape[0], k, dtype=cov.dtype)
         new_w2 = _mix_inputs(w2, mixing)
         new_b2 = b2
         if centered:
@@ -239,7 +252,8 @@ def _reduce_linear(model: nn.Module, site, centered: bool) -> bool:
         mu = site.statistics.mean
         offset = weight @ (mu - projection.T @ (projection @ mu))
         new_bias = offset if bias is None else bias + offset
-    factory = {"device": module.weight.device, "dtype": module.weight.dtype}
+    reference = next(module.parameters())
+    factory = {"device": reference.device, "dtype": reference.dtype}
     new = LowRankLinear(weight.shape[1], weight.shape[0], site.rank, bias=new_bias is not None).to(**factory)
     with torch.no_grad():
         new.down.weight.copy_(projection.to(new.down.weight.dtype))
@@ -248,6 +262,18 @@ def _reduce_linear(model: nn.Module, site, centered: bool) -> bool:
             new.up.bias.copy_(new_bias.to(new.up.bias.dtype))
     _set_module(model, site.name, new)
     return new_bias is not None
+
+
+def _check_site_matches(model: nn.Module, site, in_features: int) -> None:
+    """Refuse an analysis whose widths are not the model's (a stale report, or one from another model)."""
+    widths = {site.name: in_features}
+    widths.update({p: linear_shape(model.get_submodule(p))[1] for p in site.producers})
+    wrong = {path: width for path, width in widths.items() if width != site.dim}
+    if wrong:
+        raise ValueError(
+            f"Site {site.name!r} was analysed at width {site.dim}, but the model now has {wrong}: the report was "
+            "computed on another model or before the model changed. Analyse this model again."
+        )
 
 
 def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str = "select") -> dict | None:
@@ -261,16 +287,23 @@ def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str =
 
     Returns:
         The config record of the reduction, or `None` when the site was left dense (a factorisation that would not
-        save parameters, or a rank equal to the width).
+        save parameters, or a rank equal to the width) or a `LowRankLinear` already at `site.rank` or lower.
+
+    Raises:
+        `ValueError` if `site`'s width is not the module's (the report is stale or from another model).
     """
     if ffn_method not in FFN_METHODS:
         raise ValueError(f"`ffn_method` must be one of {FFN_METHODS}, got {ffn_method!r}.")
-    in_features, out_features = linear_shape(model.get_submodule(site.name))
+    module = model.get_submodule(site.name)
+    in_features, out_features = linear_shape(module)
+    _check_site_matches(model, site, in_features)
     if site.rank >= site.dim:
         return None
     if site.kind == "linear":
         if not saves_parameters(in_features, out_features, site.rank):
             return None
+        if isinstance(module, LowRankLinear) and site.rank >= module.rank:
+            return None  # already at this rank or lower
         bias = _reduce_linear(model, site, centered)
     else:
         bias = _reduce_ffn(model, site, centered, ffn_method)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import json
+import itertools
 import logging
 import math
 from pathlib import Path
@@ -18,21 +18,41 @@ from .analysis import SpectralOptions, SpectralReport, analyze_sites
 from .compression import apply_report, to_rmtkd, wrap_existing
 from .distillation import distillation_loss
 from .hidden import HIDDEN_KEY, reduce_hidden
+from .kept_basis import stream_maps
 from .model_card import TAGS, build_model_card, metrics_from_log_history, spectrum_plots
 from .modeling_rmtkd import RMTKDForCausalLM, RMTKDPreTrainedModel
-from .optimizer_state import carry_optimizer_state
+from .relaxation import relax_report
+from .representation import output_flags, representation_terms
+from .rewire import rewire_trainer
+from .run_checkpoint import restore_reductions, save_run_extras
 from .schedule import ReductionCallback, layer_groups
 from .sites import select_sites
-from .surgery import apply_structure
 from .training_args import RMTKDTrainingArguments
 
 
 logger = logging.getLogger(__name__)
-TEACHER_DIR = "rmtkd_teacher"
+
+
+def _is_iterable_only(dataset) -> bool:
+    """A dataset without a length (`datasets.IterableDataset`, `torch.utils.data.IterableDataset`, a generator)."""
+    return isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__")
 
 
 def calibration_subset(dataset, args: RMTKDTrainingArguments):
-    """The default calibration set: a seeded `calibration_samples` (else `calibration_fraction`) of `dataset`."""
+    """The default calibration set: a seeded `calibration_samples` (else `calibration_fraction`) of `dataset`.
+
+    A dataset without a length gives its first `calibration_samples` examples (`calibration_fraction` needs a
+    length: `ValueError` without `calibration_samples`).
+    """
+    if _is_iterable_only(dataset):
+        if args.calibration_samples is None:
+            raise ValueError(
+                f"The training dataset ({type(dataset).__name__}) has no length, so `calibration_fraction` cannot "
+                "be applied: set `calibration_samples` or pass a `calibration_dataset`."
+            )
+        if hasattr(dataset, "take"):
+            return dataset.take(args.calibration_samples)
+        return list(itertools.islice(iter(dataset), args.calibration_samples))
     count = min(args.calibration_samples or math.ceil(args.calibration_fraction * len(dataset)), len(dataset))
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count]
     indices = sorted(order.tolist())
@@ -91,7 +111,7 @@ class RMTKDTrainer(Trainer):
         self.calibration_dataset = calibration_dataset
         self.teacher = self._prepare_teacher(teacher_model)
         self._snapshot: RMTKDPreTrainedModel | None = None
-        self._terms = {"ce_loss": [], "kl_loss": []}
+        self._terms: dict[str, list[torch.Tensor]] = {"ce_loss": [], "kl_loss": []}
         self._validate()
         self.reduction_callback = ReductionCallback(self)
         self.add_callback(self.reduction_callback)
@@ -120,13 +140,29 @@ class RMTKDTrainer(Trainer):
                     f"`reduction_metric`={args.reduction_metric!r} needs `compute_metrics` (only 'eval_loss' is "
                     "available without it)."
                 )
-        if self.train_dataset is not None and hasattr(self.train_dataset, "__getitem__") and len(self.train_dataset):
-            example = self.train_dataset[0]
-            if isinstance(example, dict) and not any(k in example for k in ("labels", "label", "label_ids")):
-                raise ValueError(
-                    f"The training dataset has no labels (columns: {sorted(example)}); RMT-KD's loss needs a "
-                    "`labels` column for its cross-entropy term."
-                )
+        if args.reduction_max_metric_drop is not None and not args.reduction_metric.startswith("eval_"):
+            raise ValueError(
+                f"`reduction_metric`={args.reduction_metric!r} must be a key of `Trainer.evaluate()`, which all start "
+                "with 'eval_' (e.g. 'eval_loss', 'eval_accuracy')."
+            )
+        dataset = self.train_dataset
+        if dataset is None:
+            return
+        if _is_iterable_only(dataset):
+            if (
+                self.calibration_dataset is None
+                and args.calibration_samples is None
+                and args.reduction_schedule != "none"
+            ):
+                calibration_subset(dataset, args)  # raises: says what to set
+            example = None  # not peeked: that could consume a stream
+        else:
+            example = dataset[0] if len(dataset) else None
+        if isinstance(example, dict) and not any(k in example for k in ("labels", "label", "label_ids")):
+            raise ValueError(
+                f"The training dataset has no labels (columns: {sorted(example)}); RMT-KD's loss needs a "
+                "`labels` column for its cross-entropy term."
+            )
 
     def _prepare_teacher(self, teacher_model):
         mode = self.args.distillation_teacher
@@ -147,35 +183,48 @@ class RMTKDTrainer(Trainer):
 
     # -- loss ----------------------------------------------------------------------------------------------
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """`alpha * CE + (1 - alpha) * T^2 * KL(teacher || student)`, exact under gradient accumulation."""
+        """Training: `alpha * CE + (1 - alpha) * T^2 * KL + w_h * hidden + w_a * attention` (the last two only with
+        their weights set), exact under gradient accumulation. Evaluation: the task's cross-entropy alone, so
+        `eval_loss` means what it means for a plain `Trainer`."""
         labels = inputs.get("labels")
         if labels is None:
             raise ValueError(f"The batch has no `labels` (keys: {sorted(inputs)}); RMTKDTrainer needs labels.")
         features = {k: v for k, v in inputs.items() if k != "labels"}
-        outputs = model(**features)
+        flags = output_flags(self.args, self.model.model, self.teacher) if model.training else {}
+        outputs = model(**features, **flags)
         logits = getattr(outputs, "logits", None)
         if logits is None:
             raise ValueError(
                 f"{type(self.model.model).__name__} returned no `logits`; RMTKDTrainer needs a model with a task head "
                 "(AutoModelForSequenceClassification, ...ForTokenClassification, ...ForCausalLM, ...ForImageClassification)."
             )
-        teacher_logits = None
+        teacher_outputs = None
         if self.teacher is not None and model.training:
             with torch.no_grad():
-                teacher_logits = self.teacher(**features).logits
+                teacher_outputs = self.teacher(**features, **flags)
+        shift = isinstance(self.model, RMTKDForCausalLM)
         terms = distillation_loss(
             logits,
             labels,
-            teacher_logits,
+            None if teacher_outputs is None else teacher_outputs.logits,
             self.args.distillation_alpha,
             self.args.distillation_temperature,
             num_items_in_batch,
-            shift_labels=isinstance(self.model, RMTKDForCausalLM),
+            shift_labels=shift,
         )
-        if model.training:
-            self._terms["ce_loss"].append(terms.ce.detach())
-            self._terms["kl_loss"].append(terms.kl.detach())
+        if not model.training:
+            return (terms.ce, outputs) if return_outputs else terms.ce
         loss = terms.loss
+        extra = {}
+        if teacher_outputs is not None:
+            mask = features.get("attention_mask")
+            extra = representation_terms(
+                flags, self.model, outputs, teacher_outputs, labels, num_items_in_batch, mask, shift
+            )
+        for name, value in extra.items():
+            loss = loss + getattr(self.args, f"distillation_{name}_weight") * value
+        for name, value in {"ce": terms.ce, "kl": terms.kl, **extra}.items():
+            self._terms.setdefault(f"{name}_loss", []).append(value.detach())
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:
             # num_items_in_batch counts all ranks, while DDP averages gradients over ranks.
             loss = loss * self.accelerator.num_processes
@@ -188,11 +237,13 @@ class RMTKDTrainer(Trainer):
         )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Adds the mean CE and KL terms since the last training log as `ce_loss` and `kl_loss`."""
-        if "loss" in logs and self._terms["ce_loss"]:
+        """Adds the mean of every loss term since the last training log (`ce_loss`, `kl_loss`, and `hidden_loss`,
+        `attention_loss` when their weights are set)."""
+        if "loss" in logs:
             for key, values in self._terms.items():
-                logs[key] = round(float(torch.stack(values).mean()), 6)
-                values.clear()
+                if values:
+                    logs[key] = round(float(torch.stack(values).mean()), 6)
+                    values.clear()
         super().log(logs, start_time)
 
     # -- reductions -----------------------------------------------------------------------------------------
@@ -201,8 +252,8 @@ class RMTKDTrainer(Trainer):
         sites = select_sites(self.model.model, self.args.reduction_target_modules)
         groups = layer_groups(sites, self.args.reduction_schedule)
         if self.args.reduction_hidden_width and self.args.reduction_schedule != "none":
-            # First: every other site's recorded shapes depend on the hidden width.
-            groups = [[HIDDEN_KEY]] + groups
+            # First, in `reduction_hidden_steps` steps: every other site's recorded shapes depend on the width.
+            groups = [[HIDDEN_KEY]] * self.args.reduction_hidden_steps + groups
         return groups
 
     def _calibration_data(self):
@@ -215,129 +266,91 @@ class RMTKDTrainer(Trainer):
     def _take_snapshot(self) -> RMTKDPreTrainedModel:
         model = self.model
         # Copy config and inner model, not the wrapper: accelerate may patch the wrapper's `forward` in place.
-        return self._freeze(wrap_existing(type(model), copy.deepcopy(model.config), copy.deepcopy(model.model)))
+        snapshot = wrap_existing(type(model), copy.deepcopy(model.config), copy.deepcopy(model.model))
+        snapshot.__dict__["rmtkd_stream_maps"] = list(stream_maps(model))
+        return self._freeze(snapshot)
 
-    def run_reduction(self, index: int, names: list[str]) -> bool:
-        """Reduce one scheduled group. Returns `False` when a stop rule ends the schedule instead."""
+    def run_reduction(self, index: int, names: list[str], steps_left: int = 1, relaxation: float = 0.0) -> dict:
+        """Reduce one scheduled group now and return its history entry.
+
+        Args:
+            index: position of the group in the schedule.
+            names: site names, or `[HIDDEN_KEY]` for a hidden-width step.
+            steps_left: hidden-width steps left including this one (progressive width).
+            relaxation: share of the way from each MP rank back to the full width, in [0, 1) (the metric budget's
+                gentler retries; see [`ReductionCallback`]).
+        """
         args, model = self.args, self.model
         params_before = model.num_parameters()
-        if args.reduction_target_params is not None and params_before <= args.reduction_target_params:
-            self.log({"rmtkd/stopped_at_target_params": float(params_before)})
-            return False
-        if args.reduction_max_metric_drop is not None:
-            if self.reduction_callback.history and not self.check_metric_budget():
-                return False
-            self.reduction_callback.metric_before = self._metric()
-        snapshot = (
-            self._take_snapshot()
-            if (args.distillation_teacher == "self" or args.reduction_max_metric_drop is not None)
-            else None
-        )
+        self._snapshot = self._take_snapshot()
         if args.distillation_teacher == "self":
-            self.teacher = snapshot
-        self._snapshot = snapshot
+            self.teacher = self._snapshot
         options = SpectralOptions(**args.spectral_options())
-        calibration, progress = self._calibration_data(), self.is_world_process_zero()
+        calibration, progress = self._calibration_data(), self.is_world_process_zero() and not args.disable_tqdm
         if names == [HIDDEN_KEY]:
-            hidden = reduce_hidden(model, calibration, options, progress)
+            hidden = reduce_hidden(model, calibration, options, progress, steps_left, relaxation)
             report, records = SpectralReport({HIDDEN_KEY: hidden}, options, ""), [HIDDEN_KEY]
         else:
             report = analyze_sites(model.model, calibration, select_sites(model.model, names), options, progress)
+            report = relax_report(report, relaxation)
             records = apply_report(model, report, args.reduction_ffn_method)
-        self._after_structure_change()
+        rewire_trainer(self)
         params_after = model.num_parameters()
-        logs = {
-            "rmtkd/reduction": float(index),
-            "rmtkd/params_before": float(params_before),
-            "rmtkd/params_after": float(params_after),
-        }
+        logs = {"rmtkd/reduction": float(index), "rmtkd/params_before": float(params_before)}
+        logs["rmtkd/params_after"] = float(params_after)
         for name, site in report.items():
-            logs.update(
-                {
-                    f"rmtkd/{name}/d": float(site.dim),
-                    f"rmtkd/{name}/k": float(site.rank),
-                    f"rmtkd/{name}/sigma2": site.sigma2,
-                    f"rmtkd/{name}/lambda_plus": site.lambda_plus,
-                }
-            )
+            for key, value in (
+                ("d", site.dim),
+                ("k", site.rank),
+                ("sigma2", site.sigma2),
+                ("lambda_plus", site.lambda_plus),
+            ):
+                logs[f"rmtkd/{name}/{key}"] = float(value)
         self.log(logs)
         if self.is_world_process_zero():
             report.plot(Path(args.output_dir) / "spectra" / f"reduction_{index:02d}")
-        self.reduction_callback.history.append(
-            {
-                "index": index,
-                "step": self.state.global_step,
-                "params_before": params_before,
-                "params_after": params_after,
-                "reduced": sorted(records),
-                "sites": {
-                    n: {"d": s.dim, "k": s.rank, "n": s.n_samples, "sigma2": s.sigma2, "lambda_plus": s.lambda_plus}
-                    for n, s in report.items()
-                },
-            }
-        )
-        return True
+        return {
+            "index": index,
+            "step": self.state.global_step,
+            "params_before": params_before,
+            "params_after": params_after,
+            "reduced": sorted(records),
+            "sites": {
+                n: {"d": s.dim, "k": s.rank, "n": s.n_samples, "sigma2": s.sigma2, "lambda_plus": s.lambda_plus}
+                for n, s in report.items()
+            },
+        }
 
-    def _metric(self) -> float:
+    def budget_metric(self) -> float:
+        """The `reduction_metric` of a fresh evaluation (`ValueError` naming the keys if it is not among them)."""
         metrics = self.evaluate()
         if self.args.reduction_metric not in metrics:
-            raise ValueError(f"`reduction_metric`={self.args.reduction_metric!r} is not among {sorted(metrics)}.")
+            raise ValueError(
+                f"`reduction_metric`={self.args.reduction_metric!r} is not among the evaluation's metrics "
+                f"{sorted(metrics)}: set it to one of them."
+            )
         return float(metrics[self.args.reduction_metric])
 
-    def check_metric_budget(self, final: bool = False) -> bool:
-        """Compare the eval metric with its value before the last reduction; undo that reduction if over budget."""
-        args, callback = self.args, self.reduction_callback
-        now = self._metric()
-        before = callback.metric_before
-        drop = (before - now) if args.reduction_metric_greater_is_better else (now - before)
-        if drop <= args.reduction_max_metric_drop:
-            return True
+    def undo_reduction(self, final: bool = False) -> None:
+        """Return the model to the snapshot taken before the last reduction (and drop that reduction's teacher)."""
         snapshot = self._snapshot
         for parameter in snapshot.parameters():
             parameter.requires_grad_(True)
         self.model.model = snapshot.model
         self.model.config.reduced_modules = snapshot.config.reduced_modules
-        self.teacher = None if args.distillation_teacher == "self" else self.teacher
-        callback.history[-1]["undone"] = True
-        callback.stopped = True
+        self.model.__dict__["rmtkd_stream_maps"] = stream_maps(snapshot)
+        if self.args.distillation_teacher == "self":
+            # The snapshot was the teacher; it is the model again, so there is none until the next reduction.
+            self.teacher = None
         if not final:
-            self._after_structure_change()
-        self.log({"rmtkd/undone_reduction": float(callback.history[-1]["index"]), "rmtkd/metric_drop": drop})
-        return False
-
-    def _after_structure_change(self) -> None:
-        """Point the optimizer, the LR scheduler and the DDP wrapper at the new parameters."""
-        self.model.model.train(self.model.training)
-        if self.optimizer is None:  # reduction before the optimizer exists (e.g. at step 0 of a resumed run)
-            return
-        old = self.optimizer
-        old_raw = getattr(old, "optimizer", old)
-        self.optimizer = None
-        self.create_optimizer()
-        new_raw = self.optimizer
-        carry_optimizer_state(old_raw, new_raw)
-        if old in self.accelerator._optimizers:
-            self.accelerator._optimizers.remove(old)
-        self.optimizer = self.accelerator.prepare_optimizer(new_raw)
-        scheduler = self.lr_scheduler
-        if scheduler is not None:
-            getattr(scheduler, "scheduler", scheduler).optimizer = new_raw
-            if hasattr(scheduler, "optimizers"):
-                scheduler.optimizers = [self.optimizer]
-        if isinstance(self.model_wrapped, nn.parallel.DistributedDataParallel):
-            if self.model_wrapped in self.accelerator._models:
-                self.accelerator._models.remove(self.model_wrapped)
-            self.model_wrapped = self.accelerator.prepare_model(self.model)
-        self.callback_handler.optimizer = self.optimizer
-        self.callback_handler.lr_scheduler = self.lr_scheduler
+            rewire_trainer(self)
 
     # -- checkpoints ---------------------------------------------------------------------------------------
     def _save_checkpoint(self, model, trial):
+        if self.is_world_process_zero():
+            # Before Trainer's own files: a checkpoint that has a trainer_state.json always has these too.
+            save_run_extras(self, Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}")
         super()._save_checkpoint(model, trial)
-        # The pre-reduction teacher is part of the run's state: a resumed run distils from the same one.
-        if self.teacher is not None and self.args.distillation_teacher == "self" and self.is_world_process_zero():
-            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}" / TEACHER_DIR
-            self.teacher.save_pretrained(folder)
 
     def create_model_card(
         self,
@@ -388,32 +401,10 @@ class RMTKDTrainer(Trainer):
             if resume_from_checkpoint is None:
                 raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
         if resume_from_checkpoint:
-            self._restore_reductions(Path(resume_from_checkpoint))
+            restore_reductions(self, Path(resume_from_checkpoint))
         return super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
-
-    def _restore_reductions(self, checkpoint: Path) -> None:
-        config = json.loads((checkpoint / "config.json").read_text())
-        records = config.get("reduced_modules") or {}
-        new = {k: v for k, v in records.items() if k not in self.model.config.reduced_modules}
-        self.model.config.reduced_modules.update(new)
-        if HIDDEN_KEY in new:
-            # The hidden width changes the architecture itself: rebuild the inner model from the checkpoint's config
-            # (its weights are loaded by Trainer right after).
-            rebuilt = type(self.model)(copy.deepcopy(self.model.config)).model
-            self.model.model = rebuilt.to(self.args.device).train(self.model.training)
-        else:
-            apply_structure(self.model.model, new)
-        self.model.config.calibration = config.get("calibration") or {}
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        exported = (state.get("stateful_callbacks") or {}).get(type(self.reduction_callback).__name__)
-        if exported:
-            self.reduction_callback.load_attributes(exported["attributes"])
-        teacher_dir = checkpoint / TEACHER_DIR
-        if self.args.distillation_teacher == "self" and teacher_dir.exists():
-            self.teacher = self._freeze(type(self.model).from_pretrained(teacher_dir).to(self.args.device))
-            self._snapshot = self.teacher

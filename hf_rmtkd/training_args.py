@@ -28,6 +28,14 @@ class RMTKDTrainingArguments(TrainingArguments):
         distillation_teacher (`str`, *optional*, defaults to `"self"`):
             `"self"`: a frozen copy of the model taken just before each reduction (the paper's `p_old`); no copy
             exists before the first reduction. `"external"`: the `teacher_model` passed to the trainer.
+        distillation_hidden_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the hidden-state term, >= 0: per position `||z_s - h_t M||^2 / ||h_t M||^2` averaged over every
+            layer's output and the embeddings, with `M` the kept basis where a hidden-width reduction changed the
+            width (identity elsewhere). Logged as `hidden_loss`. See [`hf_rmtkd.representation`].
+        distillation_attention_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the attention term, >= 0: `KL(teacher || student)` of every layer's attention distributions per
+            query, averaged over heads (MiniLM / TinyBERT style). Switches the model and teacher to eager attention
+            (the only kind that returns the probabilities). Logged as `attention_loss`.
         reduction_target_modules (`list[str]` or `str`, *optional*):
             Sites to reduce, as `target_modules` of [`hf_rmtkd.analyze`] (name suffixes or a regex); default every
             FFN inner width and every linear layer of the blocks.
@@ -64,12 +72,19 @@ class RMTKDTrainingArguments(TrainingArguments):
         reduction_hidden_width (`bool`, *optional*, defaults to `False`):
             Also reduce the width of the residual stream, as the first scheduled reduction (one projection for the
             whole model; Llama-family and GPT-2 decoders, and BERT, RoBERTa and MPNet encoders, see `hf_rmtkd.hidden`).
+        reduction_hidden_steps (`int`, *optional*, defaults to 1):
+            Progressive width: reach the MP width in this many scheduled hidden-width reductions, each a geometric
+            step (`w * (k_MP / w)^(1 / steps left)`) on a spectrum re-estimated after the previous step's recovery.
         reduction_rank_multiple (`int`, *optional*, defaults to 1):
             Round every retained rank up to a multiple of this, >= 1 (8 or 16 for GPU-friendly shapes).
         reduction_max_metric_drop (`float`, *optional*):
             Stop rule `epsilon`: before each further reduction and at the end of training the eval metric is compared
             with its value before the last reduction; a drop larger than this undoes that reduction (the model returns
-            to the pre-reduction snapshot) and stops the schedule. Needs an `eval_dataset` and the metric.
+            to the pre-reduction snapshot) and retries it with gentler ranks (`reduction_budget_retries`), then stops
+            the schedule. Needs an `eval_dataset` and the metric. Cost: one evaluation per check and per try.
+        reduction_budget_retries (`int`, *optional*, defaults to 3):
+            Gentler tries of a reduction that broke `reduction_max_metric_drop`, >= 0: the ranks move 1/2, 3/4, 7/8
+            ... of the way from the MP rank back to the full width (bisection), each try after one recovery period.
         reduction_metric (`str`, *optional*, defaults to `"eval_loss"`):
             Metric of the `epsilon` rule, a key of `Trainer.evaluate()` (e.g. `"eval_accuracy"` with `compute_metrics`).
         reduction_metric_greater_is_better (`bool`, *optional*):
@@ -81,6 +96,12 @@ class RMTKDTrainingArguments(TrainingArguments):
     distillation_alpha: float = field(default=0.7, metadata={"help": "Weight of CE in alpha*CE + (1-alpha)*T^2*KL."})
     distillation_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T, > 0."})
     distillation_teacher: str = field(default="self", metadata={"help": "'self' (pre-reduction copy) or 'external'."})
+    distillation_hidden_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the hidden-state term (through the kept basis), >= 0."}
+    )
+    distillation_attention_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the attention-distribution KL term, >= 0."}
+    )
     reduction_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Sites to reduce: name suffixes (or one regex); default every site."}
     )
@@ -112,9 +133,15 @@ class RMTKDTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Reduce the residual-stream width first (Llama family, GPT-2; BERT, RoBERTa, MPNet)."},
     )
+    reduction_hidden_steps: int = field(
+        default=1, metadata={"help": "Hidden-width reductions that reach the MP width (geometric steps), >= 1."}
+    )
     reduction_rank_multiple: int = field(default=1, metadata={"help": "Round ranks up to a multiple of this."})
     reduction_max_metric_drop: float | None = field(
         default=None, metadata={"help": "Stop rule epsilon on the eval metric."}
+    )
+    reduction_budget_retries: int = field(
+        default=3, metadata={"help": "Gentler tries of a reduction over the metric budget, >= 0."}
     )
     reduction_metric: str = field(default="eval_loss", metadata={"help": "Key of evaluate() for the epsilon rule."})
     reduction_metric_greater_is_better: bool | None = field(
@@ -154,6 +181,13 @@ class RMTKDTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`reduction_max_metric_drop` must be >= 0 or None, got {self.reduction_max_metric_drop}."
             )
+        for name in ("distillation_hidden_weight", "distillation_attention_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        if self.reduction_hidden_steps < 1:
+            raise ValueError(f"`reduction_hidden_steps` must be >= 1, got {self.reduction_hidden_steps}.")
+        if self.reduction_budget_retries < 0:
+            raise ValueError(f"`reduction_budget_retries` must be >= 0, got {self.reduction_budget_retries}.")
         if self.reduction_target_params is not None and self.reduction_target_params < 1:
             raise ValueError(f"`reduction_target_params` must be >= 1 or None, got {self.reduction_target_params}.")
         if self.reduction_metric_greater_is_better is None:

@@ -4,6 +4,7 @@ import pytest
 import torch
 import transformers as tf
 from conftest import tiny_config
+from testing_utils import hidden_trainer_args, lm_dataset, planted_llama, token_ids
 
 from hf_rmtkd import compress
 from hf_rmtkd.hidden import HIDDEN_KEY, slice_hidden
@@ -14,26 +15,7 @@ def _llama(seed=0):
     return tf.LlamaForCausalLM(tiny_config("llama")).eval()
 
 
-def _planted(k=12, seed=0):
-    """A Llama whose residual stream lies in a k-dim subspace: embeddings and every writer project onto it."""
-    model = _llama(seed)
-    d = model.config.hidden_size
-    basis, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed + 1)))
-    projector = basis @ basis.T
-    with torch.no_grad():
-        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ projector)
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.copy_(projector @ layer.self_attn.o_proj.weight)
-            layer.mlp.down_proj.weight.copy_(projector @ layer.mlp.down_proj.weight)
-            # Non-trivial norm weights, so folding them into the readers is exercised.
-            layer.input_layernorm.weight.uniform_(0.5, 1.5)
-            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
-        model.model.norm.weight.uniform_(0.5, 1.5)
-    return model, basis
-
-
-def _ids(seed=0):
-    return torch.randint(2, 99, (3, 10), generator=torch.Generator().manual_seed(seed))
+_planted, _ids = planted_llama, token_ids
 
 
 class TestSlicing:
@@ -102,22 +84,8 @@ class TestCompress:
             compress(reduced, batches * 4, hidden_width=True, progress=False)
 
 
-def hidden_trainer_args(path, **overrides):
-    """Short `RMTKDTrainer` runs whose first scheduled reduction is the hidden width (tiny models, CPU)."""
-    from test_trainer import _args
-
-    hidden = dict(max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3, calibration_samples=16)
-    hidden.update(reduction_hidden_width=True, reduction_warmup_steps=1, reduction_recovery_steps=3)
-    return _args(path, **{**hidden, **overrides})
-
-
 class TestTrainer:
-    @staticmethod
-    def _data():
-        from datasets import Dataset
-
-        ids = torch.randint(2, 99, (32, 10), generator=torch.Generator().manual_seed(0))
-        return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+    _data = staticmethod(lm_dataset)
 
     def test_hidden_width_is_the_first_scheduled_reduction_and_resumes(self, tmp_path):
         from hf_rmtkd import RMTKDTrainer

@@ -128,7 +128,7 @@ class TestCompress:
 class TestTrainer:
     def test_hidden_width_is_scheduled_first_on_an_encoder(self, tmp_path):
         from datasets import Dataset
-        from test_hidden import hidden_trainer_args
+        from testing_utils import hidden_trainer_args
 
         from hf_rmtkd import RMTKDTrainer
 

@@ -135,12 +135,12 @@ class TestCompress:
 
 
 def test_hidden_width_is_the_first_scheduled_reduction_on_gpt2(tmp_path):
-    from test_hidden import TestTrainer, hidden_trainer_args
+    from testing_utils import hidden_trainer_args, lm_dataset
 
     from hf_rmtkd import RMTKDTrainer
 
     args = hidden_trainer_args(tmp_path / "run")
-    trainer = RMTKDTrainer(model=_planted()[0], args=args, train_dataset=TestTrainer._data())
+    trainer = RMTKDTrainer(model=_planted()[0], args=args, train_dataset=lm_dataset())
     trainer.train()
     history = trainer.reduction_callback.history
     assert history[0]["reduced"] == [HIDDEN_KEY] and trainer.model.model.config.n_embd == 12

@@ -184,7 +184,9 @@ class TestRemoteCode:
 
 class TestTrainerPush:
     def test_trainer_push_uploads_card_with_metrics_plots_and_a_loadable_model(self, tmp_path):
-        from test_trainer import _args, _classifier, _dataset
+        from testing_utils import labelled_dataset as _dataset
+        from testing_utils import tiny_classifier as _classifier
+        from testing_utils import trainer_args as _args
 
         repo_id = _repo_id()
 

@@ -65,8 +65,10 @@ class TestBuildModelCard:
         assert "| none | | | | |" in text and "No spectrum plots" in text
         assert card.data.eval_results is None and card.data.base_model is None
 
-    def test_template_is_the_top_level_file_in_a_checkout(self):
-        assert template_path() == REPO_ROOT / "model_card_template.md"
+    def test_the_packaged_template_is_the_top_level_one(self):
+        # One template: the package's; the top-level copy (the design card's file) must not drift from it.
+        assert template_path() == REPO_ROOT / "hf_rmtkd" / "templates" / "model_card_template.md"
+        assert template_path().read_text() == (REPO_ROOT / "model_card_template.md").read_text()
 
 
 class TestMetricsFromLogHistory:

@@ -8,44 +8,14 @@ import torch
 import transformers as tf
 from conftest import tiny_config
 from datasets import Dataset
+from testing_utils import labelled_dataset, tiny_classifier, trainer_args
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.schedule import layer_groups, reduction_steps
 from hf_rmtkd.sites import find_sites
 
 
-def _classifier(seed=0, dropout=0.0):
-    config = tiny_config("bert", num_labels=2)
-    config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
-    torch.manual_seed(seed)
-    return tf.BertForSequenceClassification(config)
-
-
-def _dataset(n=128, seq=12, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, 99, (n, seq), generator=g)
-    labels = (ids[:, 1] > 52).long()  # learnable from one token
-    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n, "labels": labels.tolist()})
-
-
-def _args(tmp_path, **overrides):
-    values = dict(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=16,
-        per_device_eval_batch_size=32,
-        num_train_epochs=2,
-        learning_rate=2e-3,
-        logging_steps=2,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        disable_tqdm=True,
-        calibration_samples=64,
-        seed=0,
-        data_seed=0,
-    )
-    values.update(overrides)
-    return RMTKDTrainingArguments(**values)
+_classifier, _dataset, _args = tiny_classifier, labelled_dataset, trainer_args
 
 
 class TestTraining:
@@ -185,15 +155,17 @@ class TestStopRules:
         assert trainer.reduction_callback.history == [] and trainer.reduction_callback.stopped
         assert trainer.model.num_parameters() == start
 
-    def test_metric_budget_undoes_a_reduction_that_breaks_it(self, tmp_path):
-        # The metric is the parameter count itself: every reduction "drops" it, so a budget of 5 is broken.
+    @staticmethod
+    def _budget_trainer(tmp_path, budget, retries, max_steps=3):
+        # The metric is the parameter count itself: every reduction "drops" it by what it removes, deterministically.
         args = _args(
             tmp_path,
-            max_steps=3,
+            max_steps=max_steps,
             reduction_warmup_steps=0,
             reduction_recovery_steps=1,
-            reduction_max_metric_drop=5.0,
+            reduction_max_metric_drop=budget,
             reduction_metric="eval_params",
+            reduction_budget_retries=retries,
         )
         data = _dataset(64)
         trainer = RMTKDTrainer(
@@ -203,13 +175,38 @@ class TestStopRules:
             eval_dataset=data,
             compute_metrics=lambda prediction: {"params": float(trainer.model.num_parameters())},
         )
+        return trainer
+
+    def test_metric_budget_undoes_a_reduction_that_breaks_it(self, tmp_path, caplog):
+        trainer = self._budget_trainer(tmp_path, budget=5.0, retries=0)
         start = trainer.model.num_parameters()
-        trainer.train()
+        with caplog.at_level("WARNING", logger="hf_rmtkd"):
+            trainer.train()
         history = trainer.reduction_callback.history
         # The first reduction broke the budget: undone before the second, and the schedule stopped.
         assert len(history) == 1 and history[0]["undone"] is True and trainer.reduction_callback.stopped
         assert trainer.model.num_parameters() == start and trainer.model.config.reduced_modules == {}
         assert any("rmtkd/undone_reduction" in log for log in trainer.state.log_history)
+        # Said loudly, with the figures, and in the final summary.
+        assert "reduction schedule stopped after 0 of 2 reductions" in caplog.text
+        assert "summary: 0 of 2 scheduled reductions kept" in caplog.text and "eval_params" in caplog.text
+
+    def test_metric_budget_retries_with_gentler_ranks(self, tmp_path):
+        untouched = self._budget_trainer(tmp_path / "a", budget=10**9, retries=0, max_steps=1)
+        untouched.train()
+        mp_cost = untouched.reduction_callback.history[0]["params_before"] - untouched.model.num_parameters()
+        # A budget the MP ranks break by far, and ranks halfway back to full width meet.
+        trainer = self._budget_trainer(tmp_path / "b", budget=0.5 * mp_cost, retries=2)
+        trainer.train()
+        first, second = trainer.reduction_callback.history[:2]
+        assert first["index"] == second["index"] == 0 and first["undone"] and first["relaxation"] == 0.0
+        assert second["relaxation"] == 0.5 and not second.get("undone") and second["try"] == 1
+        kept = second["params_before"] - second["params_after"]
+        assert 0 < kept <= 0.5 * mp_cost
+        for name, site in second["sites"].items():  # every rank moved halfway back to the full width, at least
+            assert site["k"] >= first["sites"][name]["k"] + (site["d"] - first["sites"][name]["k"]) / 2
+        logs = [log for log in trainer.state.log_history if "rmtkd/budget_try" in log]
+        assert logs[0]["rmtkd/relaxation"] == 0.5
 
     def test_min_rank_ratio_floors_every_rank(self, tmp_path):
         args = _args(tmp_path, max_steps=2, reduction_schedule="all_at_once", reduction_min_rank_ratio=0.3)
@@ -274,6 +271,10 @@ class TestArguments:
             ("reduction_min_rank_ratio", 1.0),
             ("reduction_max_metric_drop", -0.1),
             ("reduction_target_params", 0),
+            ("distillation_hidden_weight", -1.0),
+            ("distillation_attention_weight", -0.5),
+            ("reduction_hidden_steps", 0),
+            ("reduction_budget_retries", -1),
         ],
     )
     def test_bad_value_names_field_and_value(self, tmp_path, field, value):
@@ -289,7 +290,7 @@ class TestArguments:
             if f.name not in {g.name for g in dataclasses.fields(tf.TrainingArguments)}
         ]
         doc = inspect.getdoc(RMTKDTrainingArguments)
-        assert len(own) == 23
+        assert len(own) == 27
         for name in own:
             assert f"{name} (`" in doc, name
             assert dataclasses.fields(RMTKDTrainingArguments)[

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 from peers import drop_layers, flops, parameter_counts, pca_energy, svd_like
-from results_io import machine_line, write_results
+from results_io import machine_line, open_store, write_results
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
@@ -213,9 +213,7 @@ def run_method(method: str, teacher, task, bench: BenchArguments, args, rows: di
 
 def main(bench: BenchArguments, args: RMTKDTrainingArguments) -> None:
     out = Path(args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    store = out / "results.json"
-    rows = json.loads(store.read_text()) if store.exists() else {}
+    store, rows = open_store(args.output_dir)
     task = build_task(bench, args)
     start = time.perf_counter()
     if bench.teacher_dir:

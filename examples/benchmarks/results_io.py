@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from pathlib import Path
 
@@ -32,3 +33,11 @@ def write_results(path: str, lines: list[str]) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def open_store(output_dir: str) -> tuple[Path, dict]:
+    """The benchmark's JSON store `<output_dir>/results.json` (folder created) and the rows it holds so far."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    store = out / "results.json"
+    return store, (json.loads(store.read_text()) if store.exists() else {})

@@ -79,13 +79,25 @@ class ResNetCifarForImageClassification(PreTrainedModel):
             module.reset_running_stats()
 
     def forward(
-        self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
     ) -> ImageClassifierOutput:
+        """`hidden_states` (with `output_hidden_states=True`): the stem's output and every block's output, each of
+        shape `(batch_size, channels, height, width)` (the block outputs keep their width under RMT-KD's channel
+        reductions, so a student's feature maps compare directly with its teacher's)."""
         out = F.relu(self.bn1(self.conv1(pixel_values)))
-        out = self.layer3(self.layer2(self.layer1(out)))
+        states = [out]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            for block in stage:
+                out = block(out)
+                states.append(out)
         logits = self.linear(out.mean(dim=(2, 3)))
         loss = F.cross_entropy(logits, labels) if labels is not None else None
-        return ImageClassifierOutput(loss=loss, logits=logits)
+        hidden = tuple(states) if output_hidden_states else None
+        return ImageClassifierOutput(loss=loss, logits=logits, hidden_states=hidden)
 
 
 def load_original_checkpoint(path: str | Path, depth: int | None = None) -> ResNetCifarForImageClassification:

@@ -1,0 +1,248 @@
+"""Recovery at high compression on the full SST-2 training set: which distillation recipe holds accuracy.
+
+One teacher (all-MiniLM-L6-v2 fine-tuned on all 67,349 sentences, saved under `<output_dir>/teacher` and reused by
+every later invocation), then one row per recipe and seed, each measured against that teacher on the full dev set
+(accuracy, parameters, size, FLOPs, CPU latency at batch 1 and 32). Rows accumulate in `<output_dir>/results.json`:
+a recipe already there is skipped, so the script is resumable and recipes can run in separate invocations
+(`--recipes`, `--seeds`). Batches are length-grouped (`train_sampling_strategy="group_by_length"`) and dynamically
+padded, which is what makes a full epoch fit a 2-core CPU (the teacher's epoch time is recorded).
+
+Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except `rmtkd`):
+
+* `rmtkd`: the library's defaults (FFN and attention sites, layer by layer, no hidden width);
+* `hidden_logits`: + hidden width, logits-only distillation (the loss before representation distillation);
+* `hidden_hid`: + `distillation_hidden_weight` (hidden states through the kept basis);
+* `hidden_att`: + `distillation_attention_weight` (attention distributions);
+* `hidden_both`: both terms;
+* `hidden_prog`: both terms and the width reached in `reduction_hidden_steps=3` geometric steps.
+
+Run in the background (about 20-30 minutes per recipe and epoch on 2 CPU cores):
+
+    nohup python examples/benchmarks/bench_recovery.py --data_dir ../shared/data/sst2 \\
+        --recipes hidden_logits,hidden_both --results_file examples/benchmarks/results/recovery_minilm_sst2.md &
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from bench_peers import measure, trainable
+from results_io import machine_line, open_store, write_results
+from tasks import build_task
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+
+
+HIDDEN = {"reduction_hidden_width": True}
+RECIPES = {
+    "rmtkd": ("RMT-KD, defaults", {}),
+    "hidden_logits": ("+ hidden width, logits only", {**HIDDEN}),
+    "hidden_hid": ("+ hidden width, + hidden-state KD", {**HIDDEN, "distillation_hidden_weight": 1.0}),
+    "hidden_att": ("+ hidden width, + attention KD", {**HIDDEN, "distillation_attention_weight": 1.0}),
+    "hidden_both": (
+        "+ hidden width, + hidden-state and attention KD",
+        {**HIDDEN, "distillation_hidden_weight": 1.0, "distillation_attention_weight": 1.0},
+    ),
+    "hidden_prog": (
+        "+ hidden width in 3 steps, + hidden-state and attention KD",
+        {
+            **HIDDEN,
+            "distillation_hidden_weight": 1.0,
+            "distillation_attention_weight": 1.0,
+            "reduction_hidden_steps": 3,
+        },
+    ),
+}
+# Logits-only rows switch the representation terms off explicitly, so the ablation does not follow the defaults.
+OFF = {"distillation_hidden_weight": 0.0, "distillation_attention_weight": 0.0, "reduction_hidden_steps": 1}
+
+
+@dataclass
+class RecoveryArguments:
+    data_dir: str = field(default="", metadata={"help": "Folder with SST-2 train.tsv and dev.tsv."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Teacher base; default pip MiniLM."})
+    train_samples: int | None = field(default=None, metadata={"help": "Seeded training subset; default all."})
+    eval_samples: int | None = field(default=None, metadata={"help": "Dev subset; default all 872."})
+    max_length: int = field(default=64, metadata={"help": "Tokens per sentence."})
+    teacher_epochs: float = field(default=1.0)
+    teacher_learning_rate: float = field(default=1e-4)
+    recipes: str = field(default="", metadata={"help": f"Comma-separated, of {tuple(RECIPES)}; empty: teacher only."})
+    seeds: str = field(default="0", metadata={"help": "Comma-separated seeds; one row per recipe and seed."})
+    latency_repeats: int = field(default=20)
+    results_file: str | None = field(default=None, metadata={"help": "Markdown results file."})
+    task: str = "sst2"
+    checkpoint: str | None = None
+
+    def __post_init__(self):
+        unknown = {r for r in self.recipes.split(",") if r} - set(RECIPES)
+        if unknown:
+            raise ValueError(f"`recipes` has unknown entries {sorted(unknown)}; allowed: {tuple(RECIPES)}.")
+        try:
+            [int(s) for s in self.seeds.split(",")]
+        except ValueError:
+            raise ValueError(f"`seeds` must be comma-separated integers, got {self.seeds!r}.") from None
+
+
+def teacher_model(task, bench: RecoveryArguments, args, rows: dict, out: Path):
+    """The saved teacher, or a new one fine-tuned (plain `Trainer`, cross-entropy) on the whole training set."""
+    folder = out / "teacher"
+    if (folder / "config.json").exists():
+        return task.load_teacher(folder).to(args.device)
+    model = task.new_teacher()
+    training = TrainingArguments(
+        output_dir=str(folder),
+        num_train_epochs=bench.teacher_epochs,
+        learning_rate=bench.teacher_learning_rate,
+        warmup_steps=0.06,
+        **{k: getattr(args, k) for k in ("per_device_train_batch_size", "weight_decay", "seed", "data_seed")},
+        **{k: getattr(args, k) for k in ("use_cpu", "logging_steps", "train_sampling_strategy")},
+        # Checkpoints every 200 steps: a run killed mid-epoch resumes where it was.
+        save_strategy="steps",
+        save_steps=200,
+        save_total_limit=1,
+        report_to=[],
+    )
+    began = time.perf_counter()
+    resume = get_last_checkpoint(str(folder)) if folder.exists() else None
+    Trainer(model=model, args=training, train_dataset=task.train, data_collator=task.collator).train(
+        resume_from_checkpoint=resume
+    )
+    rows["_teacher_epoch_minutes"] = (time.perf_counter() - began) / 60 / bench.teacher_epochs
+    model.save_pretrained(folder)
+    return model
+
+
+def run_recipe(name: str, seed: int, teacher, task, args) -> tuple[torch.nn.Module, dict]:
+    overrides = RECIPES[name][1]
+    recipe_args = dataclasses.replace(
+        args,
+        output_dir=str(Path(args.output_dir) / f"{name}-seed{seed}"),
+        seed=seed,
+        data_seed=seed,
+        **({**OFF, **overrides} if name.startswith("hidden") else overrides),
+    )
+    trainer = RMTKDTrainer(
+        model=trainable(copy.deepcopy(teacher)),
+        args=recipe_args,
+        train_dataset=task.train,
+        data_collator=task.collator,
+    )
+    began = time.perf_counter()
+    result = trainer.train()
+    trainer.save_model()
+    model = trainer.model
+    detail = {
+        "minutes": (time.perf_counter() - began) / 60,
+        "train_steps": result.global_step,
+        "hidden_size": model.model.config.hidden_size,
+        "ranks": {n: r["rank"] for n, r in model.config.reduced_modules.items()},
+        "losses": {k: v for k, v in trainer.state.log_history[-2].items() if k.endswith("loss")},
+    }
+    return model, detail
+
+
+def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
+    out = Path(args.output_dir)
+    store, rows = open_store(args.output_dir)
+    task = build_task(bench, args)
+    teacher = teacher_model(task, bench, args, rows, out)
+    # The teacher is timed in every invocation: latency ratios use the same machine state.
+    current = measure(teacher, task, args, bench.latency_repeats)
+    rows["teacher"] = {**rows.get("teacher", {}), **current}
+    store.write_text(json.dumps(rows, indent=1))
+    for name in [r for r in bench.recipes.split(",") if r]:
+        for seed in [int(s) for s in bench.seeds.split(",")]:
+            key = f"{name}@{seed}"
+            if key in rows:
+                continue
+            model, detail = run_recipe(name, seed, teacher, task, args)
+            rows[key] = {**measure(model, task, args, bench.latency_repeats), **detail}
+            rows[key]["teacher_ref"] = {k: v for k, v in current.items() if k == "accuracy" or k.endswith("_ms")}
+            store.write_text(json.dumps(rows, indent=1))
+    rows.setdefault("_runs", []).append(" ".join(sys.argv))
+    rows["_machine"] = machine_line()
+    rows["_setup"] = task.describe(bench, args)["text"]
+    store.write_text(json.dumps(rows, indent=1))
+    lines = report(rows)
+    if bench.results_file:
+        write_results(bench.results_file, lines)
+    else:
+        print("\n".join(lines))
+
+
+def report(rows: dict) -> list[str]:
+    """Markdown: one line per recipe (mean and spread over seeds) against the teacher, then the targets."""
+    teacher = rows["teacher"]
+    dev = 872
+    stderr = 100 * math.sqrt(teacher["accuracy"] * (1 - teacher["accuracy"]) / dev)
+    lines = [
+        "# Recovery at high compression: SST-2 (full training set), all-MiniLM-L6-v2",
+        "",
+        rows.get("_machine", machine_line()),
+        "",
+        "Commands: " + "; ".join(f"`python {c}`" for c in rows.get("_runs", [])),
+        "",
+        rows.get("_setup", ""),
+        f"Teacher epoch on the full training set: {rows.get('_teacher_epoch_minutes', float('nan')):.1f} min. "
+        f"Dev-set standard error of an accuracy near the teacher's: {stderr:.2f} points.",
+        "",
+        "| recipe | seeds | accuracy (%) | vs teacher (points) | whole params | FLOPs | CPU b1 | CPU b32 | minutes |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| teacher | - | {100 * teacher['accuracy']:.2f} | - | {teacher['params']:,} | 1x | 1x | 1x | - |",
+    ]
+    verdicts = []
+    for name, (label, _) in RECIPES.items():
+        seeds = [rows[k] for k in rows if k.split("@")[0] == name]
+        if not seeds:
+            continue
+        acc = torch.tensor([100 * r["accuracy"] for r in seeds], dtype=torch.float64)
+        spread = f" ± {acc.std().item():.2f}" if len(seeds) > 1 else ""
+        drop = acc.mean().item() - 100 * teacher["accuracy"]
+        row = seeds[0]
+        fewer = 1 - row["params"] / teacher["params"]
+        ref = row["teacher_ref"]
+        lines.append(
+            f"| {label} | {len(seeds)} | {acc.mean().item():.2f}{spread} | {drop:+.2f} | "
+            f"{row['params']:,} ({100 * fewer:.1f}% fewer) | {teacher['flops'] / row['flops']:.1f}x fewer | "
+            f"{ref['cpu_b1_ms'] / row['cpu_b1_ms']:.2f}x | {ref['cpu_b32_ms'] / row['cpu_b32_ms']:.2f}x | "
+            f"{sum(r['minutes'] for r in seeds) / len(seeds):.0f} |"
+        )
+        if fewer >= 0.8:
+            met = "met" if -drop <= 1.0 else "NOT met"
+            verdicts.append(f"- {label}: {100 * fewer:.1f}% fewer at {drop:+.2f} points; target <= 1.0 point: {met}.")
+    return (
+        lines
+        + ["", "## Target: >= 80% fewer whole-model parameters at <= 1.0 point below the teacher", ""]
+        + (verdicts or ["- no row at >= 80% fewer yet."])
+    )
+
+
+if __name__ == "__main__":
+    parser = HfArgumentParser((RecoveryArguments, RMTKDTrainingArguments))
+    parser.set_defaults(
+        output_dir="outputs/recovery-sst2",
+        num_train_epochs=1,
+        learning_rate=5e-5,
+        weight_decay=0.01,
+        per_device_train_batch_size=32,
+        per_device_eval_batch_size=64,
+        logging_steps=100,
+        save_strategy="no",
+        report_to=[],
+        seed=0,
+        data_seed=0,
+        train_sampling_strategy="group_by_length",
+        calibration_samples=4000,
+        use_cpu=not torch.cuda.is_available(),
+    )
+    main(*parser.parse_args_into_dataclasses())

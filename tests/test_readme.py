@@ -1,0 +1,88 @@
+"""The README's Python blocks run as written, in order, on a tiny BERT with a real tokenizer (Hub calls go to the
+loopback test server of conftest.py)."""
+
+import re
+
+import numpy as np
+import torch
+import transformers as tf
+from conftest import REPO_ROOT, tiny_config
+from datasets import Dataset
+
+
+WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "the", "film", "was", "a", "plot", "cast"]
+
+
+def _blocks() -> list[str]:
+    return re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
+
+
+def _tokenizer(folder):
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+
+
+def _sentences(n, seed):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        label = int(rng.integers(2))
+        words = list(rng.choice(WORDS[8:], 4)) + [WORDS[int(rng.integers(4)) + (0 if label else 4)]]
+        rows.append((" ".join(rng.permutation(words)), label))
+    return rows
+
+
+def _dataset(tokenizer, n, seed):
+    rows = _sentences(n, seed)
+    encoded = tokenizer([t for t, _ in rows], padding="max_length", max_length=10)
+    return Dataset.from_dict({**encoded, "labels": [label for _, label in rows]})
+
+
+def _user_model(folder):
+    """What a user has before the README: a fine-tuned classifier saved with its tokenizer."""
+    torch.manual_seed(0)
+    config = tiny_config("bert", num_labels=2)
+    config.vocab_size = len(WORDS) + 5
+    model = tf.BertForSequenceClassification(config)
+    tokenizer = _tokenizer(folder)
+    train = _dataset(tokenizer, 256, 0)
+    args = tf.TrainingArguments(str(folder / "ft"), num_train_epochs=3, learning_rate=3e-3, report_to=[],
+                                use_cpu=True, disable_tqdm=True, save_strategy="no")  # fmt: skip
+    tf.Trainer(model=model, args=args, train_dataset=train).train()
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
+    blocks = _blocks()
+    assert len(blocks) >= 4
+    user = tmp_path / "user-model"
+    user.mkdir()
+    tokenizer = _user_model(user)
+    monkeypatch.chdir(tmp_path)
+
+    def fresh_model():
+        return tf.AutoModelForSequenceClassification.from_pretrained(user)
+
+    namespace = {
+        "model": fresh_model(),
+        "calibration_batches": [
+            {k: torch.tensor(v) for k, v in _dataset(tokenizer, 64, s)[:].items() if k != "labels"} for s in (1, 2)
+        ],
+        "train": _dataset(tokenizer, 256, 3),
+        "dev": _dataset(tokenizer, 256, 4),
+        "accuracy": lambda p: {"accuracy": float((p.predictions.argmax(-1) == p.label_ids).mean())},
+    }
+    exec(blocks[0], namespace)  # analysis
+    assert (tmp_path / "spectra").is_dir()
+    exec(blocks[1], namespace)  # compress, save, reload, pipeline
+    assert namespace["classify"]("a good film")[0]["label"] in {"LABEL_0", "LABEL_1"}
+    namespace["model"] = fresh_model()  # the training block starts from the user's model, as the README says
+    exec(blocks[2], namespace)  # train with RMTKDTrainer
+    trainer = namespace["trainer"]
+    done = [h for h in trainer.reduction_callback.history if not h.get("undone")]
+    assert done and trainer.model.num_parameters() < fresh_model().num_parameters()  # the snippet compresses
+    exec(blocks[3], namespace)  # Hub: push and load back
+    assert isinstance(namespace["model"], tf.PreTrainedModel)

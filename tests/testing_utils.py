@@ -1,0 +1,83 @@
+"""Builders shared by several test files: tiny models, datasets and trainer arguments (no test lives here)."""
+
+from __future__ import annotations
+
+import torch
+import transformers as tf
+from conftest import tiny_config
+from datasets import Dataset
+
+from hf_rmtkd import RMTKDTrainingArguments
+
+
+def tiny_classifier(seed=0, dropout=0.0):
+    """A tiny random BERT sequence classifier with 2 labels."""
+    config = tiny_config("bert", num_labels=2)
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+    torch.manual_seed(seed)
+    return tf.BertForSequenceClassification(config)
+
+
+def labelled_dataset(n=128, seq=12, seed=0) -> Dataset:
+    """Random token ids whose label is learnable from one token."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 99, (n, seq), generator=g)
+    labels = (ids[:, 1] > 52).long()
+    return Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": [[1] * seq] * n, "labels": labels.tolist()})
+
+
+def lm_dataset(n=32, seq=10) -> Dataset:
+    """Random token ids as a causal-LM dataset (labels = inputs)."""
+    ids = torch.randint(2, 99, (n, seq), generator=torch.Generator().manual_seed(0))
+    return Dataset.from_dict({"input_ids": ids.tolist(), "labels": ids.tolist()})
+
+
+def trainer_args(tmp_path, **overrides) -> RMTKDTrainingArguments:
+    """Short, quiet, deterministic CPU runs."""
+    values = dict(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        num_train_epochs=2,
+        learning_rate=2e-3,
+        logging_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        disable_tqdm=True,
+        calibration_samples=64,
+        seed=0,
+        data_seed=0,
+    )
+    values.update(overrides)
+    return RMTKDTrainingArguments(**values)
+
+
+def hidden_trainer_args(path, **overrides) -> RMTKDTrainingArguments:
+    """Short `RMTKDTrainer` runs whose first scheduled reduction is the hidden width (tiny models, CPU)."""
+    hidden = dict(max_steps=8, per_device_train_batch_size=8, learning_rate=1e-3, calibration_samples=16)
+    hidden.update(reduction_hidden_width=True, reduction_warmup_steps=1, reduction_recovery_steps=3)
+    return trainer_args(path, **{**hidden, **overrides})
+
+
+def token_ids(seed=0):
+    return torch.randint(2, 99, (3, 10), generator=torch.Generator().manual_seed(seed))
+
+
+def planted_llama(k=12, seed=0):
+    """A tiny Llama whose residual stream lies in a k-dim subspace (embeddings and every writer project onto it),
+    with non-trivial norm weights; returns the model and the subspace's basis `(32, k)`."""
+    torch.manual_seed(seed)
+    model = tf.LlamaForCausalLM(tiny_config("llama")).eval()
+    d = model.config.hidden_size
+    basis, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed + 1)))
+    projector = basis @ basis.T
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(model.model.embed_tokens.weight @ projector)
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.copy_(projector @ layer.self_attn.o_proj.weight)
+            layer.mlp.down_proj.weight.copy_(projector @ layer.mlp.down_proj.weight)
+            layer.input_layernorm.weight.uniform_(0.5, 1.5)
+            layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    return model, basis
