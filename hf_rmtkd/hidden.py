@@ -124,6 +124,7 @@ def reduce_hidden(
     progress: bool = True,
     steps_left: int = 1,
     relaxation: float = 0.0,
+    width: int | None = None,
 ) -> SiteReport:
     """Analyse, slice and record the hidden width of an RMTKD model (`wrapper.model` is replaced).
 
@@ -136,6 +137,8 @@ def reduce_hidden(
         steps_left (`int`, *optional*, defaults to 1): progressive width: hidden-width steps left including this
             one; the width is a geometric step towards the MP width (see [`step_width`]).
         relaxation (`float`, *optional*, defaults to 0): share of the gap to the current width added back.
+        width (`int`, *optional*): a fixed new width instead of the MP rule's (the top principal directions: PCA
+            slicing, e.g. for a baseline); rounded up to a multiple of the heads.
 
     Returns:
         The [`SiteReport`]; its `rank` is the new width (`dim` when nothing was dropped, then the model is unchanged).
@@ -158,7 +161,9 @@ def reduce_hidden(
     # Progressive width re-estimates the MP width at every step, but never goes below the first estimate: the
     # narrower model's own spectrum would otherwise pull the target down step after step.
     mp_width = max(report.rank, previous.get("first_mp_width", 0)) if previous else report.rank
-    width = round_rank(step_width(report.dim, mp_width, steps_left, relaxation), report.dim, multiple)
+    if width is None:
+        width = step_width(report.dim, mp_width, steps_left, relaxation)
+    width = round_rank(width, report.dim, multiple)
     report = dataclasses.replace(report, rank=width)
     if width >= report.dim:
         return report

@@ -170,3 +170,22 @@ def test_resnet_feature_maps_are_matched_at_block_outputs(tmp_path):
     trainer = RMTKDTrainer(model=model, args=args, train_dataset=data)
     trainer.train()
     assert trainer.model.config.reduced_modules and max(_logged(trainer, "hidden_loss")) > 0
+
+
+def test_trainer_given_the_original_object_of_a_compressed_model_saves_a_loadable_checkpoint(tmp_path):
+    from hf_rmtkd import compress
+
+    original = _classifier()
+    batches = [{"input_ids": torch.tensor(labelled_dataset(32, seed=s)["input_ids"])} for s in (1, 2)]
+    compressed = compress(original, batches, progress=False)
+    first_round = dict(compressed.config.reduced_modules)
+    args = _args(tmp_path, max_steps=2, reduction_schedule="none")
+    trainer = RMTKDTrainer(model=original, args=args, train_dataset=_dataset(32))
+    assert first_round.keys() <= trainer.model.config.reduced_modules.keys()  # the first round is not forgotten
+    trainer.train()
+    trainer.save_model(tmp_path / "saved")
+    reloaded = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.tensor(labelled_dataset(4, seed=9)["input_ids"])
+    trainer.model.eval()
+    with torch.no_grad():
+        assert torch.allclose(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits, atol=1e-5)

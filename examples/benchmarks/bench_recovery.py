@@ -14,7 +14,11 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except `
 * `hidden_hid`: + `distillation_hidden_weight` (hidden states through the kept basis);
 * `hidden_att`: + `distillation_attention_weight` (attention distributions);
 * `hidden_both`: both terms;
-* `hidden_prog`: both terms and the width reached in `reduction_hidden_steps=3` geometric steps.
+* `hidden_prog`: both terms and the width reached in `reduction_hidden_steps=3` geometric steps;
+* `dense_student`: what a user would otherwise do: a model of the same depth and the same stream width as the
+  `--match` row (the teacher's top principal directions, sliced the same way), every FFN inner width the same and
+  chosen to match that row's parameter count (neuron selection), attention heads kept; then distilled from the teacher
+  with the `--match` recipe's losses and budget (no spectral reductions).
 
 Run in the background (about 20-30 minutes per recipe and epoch on 2 CPU cores):
 
@@ -34,13 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from bench_peers import measure, trainable
+from bench_peers import calibration_loader, measure, trainable
 from results_io import machine_line, open_store, write_results
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.analysis import SpectralOptions, SpectralReport, analyze_sites
+from hf_rmtkd.compression import apply_report, to_rmtkd
+from hf_rmtkd.hidden import reduce_hidden
+from hf_rmtkd.sites import select_sites
 
 
 HIDDEN = {"reduction_hidden_width": True}
@@ -63,6 +71,7 @@ RECIPES = {
         },
     ),
 }
+BASELINES = {"dense_student": "dense student (same depth and width, uniform FFN), same losses"}
 # Logits-only rows switch the representation terms off explicitly, so the ablation does not follow the defaults.
 OFF = {"distillation_hidden_weight": 0.0, "distillation_attention_weight": 0.0, "reduction_hidden_steps": 1}
 
@@ -76,7 +85,10 @@ class RecoveryArguments:
     max_length: int = field(default=64, metadata={"help": "Tokens per sentence."})
     teacher_epochs: float = field(default=1.0)
     teacher_learning_rate: float = field(default=1e-4)
-    recipes: str = field(default="", metadata={"help": f"Comma-separated, of {tuple(RECIPES)}; empty: teacher only."})
+    recipes: str = field(
+        default="", metadata={"help": f"Comma-separated, of {tuple(RECIPES) + tuple(BASELINES)}; empty: teacher only."}
+    )
+    match: str = field(default="hidden_both@0", metadata={"help": "The row a baseline matches in parameters."})
     seeds: str = field(default="0", metadata={"help": "Comma-separated seeds; one row per recipe and seed."})
     latency_repeats: int = field(default=20)
     results_file: str | None = field(default=None, metadata={"help": "Markdown results file."})
@@ -84,9 +96,10 @@ class RecoveryArguments:
     checkpoint: str | None = None
 
     def __post_init__(self):
-        unknown = {r for r in self.recipes.split(",") if r} - set(RECIPES)
+        unknown = {r for r in self.recipes.split(",") if r} - set(RECIPES) - set(BASELINES)
         if unknown:
-            raise ValueError(f"`recipes` has unknown entries {sorted(unknown)}; allowed: {tuple(RECIPES)}.")
+            allowed = tuple(RECIPES) + tuple(BASELINES)
+            raise ValueError(f"`recipes` has unknown entries {sorted(unknown)}; allowed: {allowed}.")
         try:
             [int(s) for s in self.seeds.split(",")]
         except ValueError:
@@ -120,6 +133,48 @@ def teacher_model(task, bench: RecoveryArguments, args, rows: dict, out: Path):
     rows["_teacher_epoch_minutes"] = (time.perf_counter() - began) / 60 / bench.teacher_epochs
     model.save_pretrained(folder)
     return model
+
+
+def dense_student(teacher, task, args, width: int, target_params: int):
+    """The `dense_student` baseline before distillation (see the module text) and its FFN width."""
+    model = to_rmtkd(trainable(copy.deepcopy(teacher)))
+    calibration = calibration_loader(task, args)
+    options = SpectralOptions(**args.spectral_options())
+    reduce_hidden(model, calibration, options, progress=False, width=width)
+    sites = [site for site in select_sites(model.model, None) if site.kind == "ffn"]
+    report = analyze_sites(model.model, calibration, sites, options, progress=False)
+    per_neuron = 2 * width + 1  # a row of the FFN's input layer, its bias, a column of its output layer
+    excess = model.num_parameters() - target_params
+    inner = max(1, sites[0].dim - math.ceil(excess / (len(sites) * per_neuron)))
+    uniform = {n: dataclasses.replace(site, rank=inner) for n, site in report.items()}
+    apply_report(model, SpectralReport(uniform, report.options, report.fingerprint))
+    return model, inner
+
+
+def run_baseline(name: str, seed: int, teacher, task, args, rows: dict, match: str) -> tuple[torch.nn.Module, dict]:
+    """A baseline at the parameter count of the `match` row, distilled with that recipe's losses and budget."""
+    if match not in rows:
+        raise ValueError(f"`--match` row {match!r} is not in the store yet: run that recipe first.")
+    target = rows[match]
+    overrides = RECIPES[match.split("@")[0]][1]
+    losses = {k: v for k, v in overrides.items() if k.startswith("distillation_")}
+    began = time.perf_counter()
+    model, inner = dense_student(teacher, task, args, target["hidden_size"], target["params"])
+    recipe_args = dataclasses.replace(
+        args,
+        output_dir=str(Path(args.output_dir) / f"{name}-seed{seed}"),
+        seed=seed,
+        data_seed=seed,
+        reduction_schedule="none",
+        distillation_teacher="external",
+        **{**OFF, **losses},
+    )
+    trainer = RMTKDTrainer(
+        model=model, args=recipe_args, train_dataset=task.train, data_collator=task.collator, teacher_model=teacher
+    )
+    trainer.train()
+    detail = {"minutes": (time.perf_counter() - began) / 60, "hidden_size": target["hidden_size"], "ffn_width": inner}
+    return trainer.model, {**detail, "matched": match}
 
 
 def run_recipe(name: str, seed: int, teacher, task, args) -> tuple[torch.nn.Module, dict]:
@@ -165,7 +220,10 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
             key = f"{name}@{seed}"
             if key in rows:
                 continue
-            model, detail = run_recipe(name, seed, teacher, task, args)
+            if name in BASELINES:
+                model, detail = run_baseline(name, seed, teacher, task, args, rows, bench.match)
+            else:
+                model, detail = run_recipe(name, seed, teacher, task, args)
             rows[key] = {**measure(model, task, args, bench.latency_repeats), **detail}
             rows[key]["teacher_ref"] = {k: v for k, v in current.items() if k == "accuracy" or k.endswith("_ms")}
             store.write_text(json.dumps(rows, indent=1))
@@ -201,7 +259,8 @@ def report(rows: dict) -> list[str]:
         f"| teacher | - | {100 * teacher['accuracy']:.2f} | - | {teacher['params']:,} | 1x | 1x | 1x | - |",
     ]
     verdicts = []
-    for name, (label, _) in RECIPES.items():
+    labels = {**{name: label for name, (label, _) in RECIPES.items()}, **BASELINES}
+    for name, label in labels.items():
         seeds = [rows[k] for k in rows if k.split("@")[0] == name]
         if not seeds:
             continue
