@@ -26,6 +26,8 @@ class SpectralOptions:
             matching, no knob), `"mp_fit"` (the paper's: `tau` quantile refined by an MP histogram fit) or
             `"quantile"` (the `tau` quantile alone).
         tau (`float`, *optional*, defaults to 0.5): quantile for `"mp_fit"` and `"quantile"`, in (0, 1).
+        bulk_fraction (`float`, *optional*, defaults to 0.2): share trimmed from each end of the spectrum by
+            `"bema"`, in (0, 0.5).
         false_alarm (`float`, *optional*, defaults to 0.001): Tracy–Widom false-alarm level of the rank rule.
         centered (`bool`, *optional*, defaults to `True`): subtract the mean; `False` is the paper's uncentred
             covariance (the mean then shows up as a spurious spike).
@@ -40,6 +42,7 @@ class SpectralOptions:
 
     estimator: str = "bema"
     tau: float = 0.5
+    bulk_fraction: float = 0.2
     false_alarm: float = 0.001
     centered: bool = True
     max_samples: int | None = 200_000
@@ -50,9 +53,11 @@ class SpectralOptions:
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
-            raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {self.estimator!r}.")
+            raise ValueError(f"`estimator` must be one of {tuple(ESTIMATORS)}, got {self.estimator!r}.")
         if not 0.0 < self.tau < 1.0:
             raise ValueError(f"`tau` must be in (0, 1), got {self.tau}.")
+        if not 0.0 < self.bulk_fraction < 0.5:
+            raise ValueError(f"`bulk_fraction` must be in (0, 0.5), got {self.bulk_fraction}.")
         if self.false_alarm not in TRACY_WIDOM_1_QUANTILES:
             raise ValueError(
                 f"`false_alarm` must be one of {sorted(TRACY_WIDOM_1_QUANTILES)}, got {self.false_alarm}."
@@ -181,7 +186,7 @@ def analyze_statistics(site: Site, stats: ActivationStatistics, options: Spectra
         )
     eigenvalues, eigenvectors = torch.linalg.eigh(cov)
     eigenvalues, eigenvectors = eigenvalues.flip(0).clamp_min(0), eigenvectors.flip(1)
-    fit = fit_spectrum(eigenvalues, n, options.estimator, options.tau, options.false_alarm)
+    fit = fit_spectrum(eigenvalues, n, options.estimator, options.tau, options.false_alarm, options.bulk_fraction)
     floor = max(options.min_rank, math.ceil(options.min_rank_ratio * stats.dim))
     rank = round_rank(max(fit.rank, floor), stats.dim, options.rank_multiple)
     if float(eigenvalues[0]) == 0.0:

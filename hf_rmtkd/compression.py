@@ -199,17 +199,8 @@ def apply_report(
         raise
     model.__dict__.setdefault("rmtkd_spectra", {}).update(spectra)
     model.config.reduced_modules.update(records)
-    model.config.calibration = {
-        "fingerprint": report.fingerprint,
-        "n_tokens": max((site.n_samples for site in report.values()), default=0),
-        "estimator": options.estimator,
-        "tau": options.tau,
-        "false_alarm": options.false_alarm,
-        "centered": options.centered,
-        "max_samples": options.max_samples,
-        "rank_multiple": options.rank_multiple,
-        "seed": options.seed,
-    }
+    n_tokens = max((site.n_samples for site in report.values()), default=0)
+    model.config.record_calibration(report.fingerprint, n_tokens, dataclasses.asdict(options))
     return records
 
 

@@ -84,6 +84,11 @@ class RMTKDConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         self.validate_records()
 
+    def record_calibration(self, fingerprint: str, n_tokens: int, options: dict) -> None:
+        """Record the calibration behind the last reduction: data fingerprint (sha256), token count, and the spectral
+        options as their own dict (`dataclasses.asdict(SpectralOptions)`)."""
+        self.calibration = {"fingerprint": fingerprint, "n_tokens": int(n_tokens), **options}
+
     def validate_records(self) -> None:
         """Check every `reduced_modules` record; raises `ValueError` naming the module, the field and the value."""
         for path, record in self.reduced_modules.items():

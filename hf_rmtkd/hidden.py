@@ -78,20 +78,25 @@ def stream_states(model: nn.Module) -> list[str]:
 
 
 def residual_statistics(
-    model: nn.Module, calibration_data, max_samples: int | None = None, progress: bool = True
-) -> tuple[ActivationStatistics, dict[str, ActivationStatistics]]:
+    model: nn.Module,
+    calibration_data,
+    max_samples: int | None = None,
+    progress: bool = True,
+    return_fingerprint: bool = False,
+):
     """Statistics of the residual stream, pooled (averaged) over its states and per state.
 
     Returns:
         The pooled statistics, of width `d`, whose `count` is the number of tokens (not tokens x states: every state
         sees the same tokens, so the MP ratio `q = d / n` uses the token count), and the statistics per state
-        (keyed by [`stream_states`]).
+        (keyed by [`stream_states`]); with `return_fingerprint`, also the sha256 of the calibration batches.
     """
     names = stream_states(model)
-    stats, _ = collect_statistics(model, calibration_data, names, max_samples, progress)
+    stats, fingerprint = collect_statistics(model, calibration_data, names, max_samples, progress)
     states = [stats[name] for name in names]
     mean_outer = sum(s.sum_outer for s in states) / len(states)
-    return ActivationStatistics(mean_outer, sum(s.sum for s in states) / len(states), states[0].count), stats
+    pooled = ActivationStatistics(mean_outer, sum(s.sum for s in states) / len(states), states[0].count)
+    return (pooled, stats, fingerprint) if return_fingerprint else (pooled, stats)
 
 
 def analyze_hidden(stats: ActivationStatistics, heads: int, options: SpectralOptions) -> SiteReport:
@@ -153,7 +158,7 @@ def reduce_hidden(
             f"model already has {len(others)} reduced modules."
         )
     model = wrapper.model
-    pooled, states = residual_statistics(model, calibration_data, options.max_samples, progress)
+    pooled, states, fingerprint = residual_statistics(model, calibration_data, options.max_samples, progress, True)
     family, heads = _family(model), model.config.num_attention_heads
     report = (analyze_gpt2 if family == "gpt2" else analyze_hidden)(pooled, heads, options)
     multiple = math.lcm(options.rank_multiple, heads)
@@ -197,6 +202,11 @@ def reduce_hidden(
             if key in previous:
                 new[key] = previous[key]
     wrapper.config.reduced_modules[HIDDEN_KEY] = new
+    # Provenance and the spectrum (for the card's plots) as for every other site; a later reduction of other sites
+    # records its own calibration.
+    wrapper.config.record_calibration(fingerprint, report.n_samples, dataclasses.asdict(options))
+    spectrum = dataclasses.replace(report, eigenvectors=torch.empty(0), statistics=None)
+    wrapper.__dict__.setdefault("rmtkd_spectra", {})[HIDDEN_KEY] = spectrum
     return report
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,6 @@ import torch
 # probability alpha = P(TW1 > s). Published table (Tracy & Widom 1996; Bejan 2005); a simulation of the
 # Dumitriu–Edelman tridiagonal model (n = 2000, 20k draws) reproduces them to within the known O(n^-1/3) bias.
 TRACY_WIDOM_1_QUANTILES = {0.1: 0.4501, 0.05: 0.9793, 0.025: 1.4538, 0.01: 2.0234, 0.005: 2.4224, 0.001: 3.2724}
-ESTIMATORS = ("mp_fit", "quantile", "bema")
 
 
 def mp_edges(sigma2: float, q: float) -> tuple[float, float]:
@@ -255,38 +255,51 @@ class MPFit:
     q: float
 
 
+# Noise-variance estimators by name: `(eigenvalues, n_samples, **knobs) -> sigma2`; each takes the knobs it uses
+# (`tau`, `bulk_fraction`) from the options and ignores the others.
+ESTIMATORS: dict[str, Callable[..., float]] = {
+    "bema": lambda eigenvalues, n, bulk_fraction=0.2, **_: estimate_sigma2_bema(eigenvalues, n, bulk_fraction),
+    "mp_fit": lambda eigenvalues, n, tau=0.5, **_: estimate_sigma2_mp_fit(eigenvalues, n, tau),
+    "quantile": lambda eigenvalues, n, tau=0.5, **_: estimate_sigma2_quantile(eigenvalues, n, tau),
+}
+
+
+def register_estimator(name: str, estimator: Callable[..., float]) -> None:
+    """Add a noise-variance estimator `(eigenvalues, n_samples, **knobs) -> sigma2` under `name`, usable as
+    `estimator=name` everywhere (`analyze`, `compress`, `reduction_estimator`)."""
+    ESTIMATORS[name] = estimator
+
+
 def fit_spectrum(
     eigenvalues: torch.Tensor,
     n_samples: int,
     estimator: str = "bema",
     tau: float = 0.5,
     false_alarm: float = 0.001,
+    bulk_fraction: float = 0.2,
 ) -> MPFit:
     """Estimate the noise variance and count the eigenvalues that rise above the MP bulk.
 
     Args:
         eigenvalues (`torch.Tensor` of shape `(d,)`): eigenvalues of a `d x d` sample covariance (any order).
         n_samples (`int`): samples `n` behind it (tokens for transformers, positions for CNNs).
-        estimator (`str`, *optional*, defaults to `"bema"`): `"bema"` (no knob), `"mp_fit"` (the paper's: `tau`
-            quantile then histogram fit) or `"quantile"` (the `tau` quantile alone).
+        estimator (`str`, *optional*, defaults to `"bema"`): a key of [`ESTIMATORS`]: `"bema"` (trims
+            `bulk_fraction` from each end), `"mp_fit"` (the paper's: `tau` quantile then histogram fit) or
+            `"quantile"` (the `tau` quantile alone), or one added with [`register_estimator`].
         tau (`float`, *optional*, defaults to 0.5): quantile for `"mp_fit"` and `"quantile"`.
+        bulk_fraction (`float`, *optional*, defaults to 0.2): trimmed share of each end for `"bema"`.
         false_alarm (`float`, *optional*, defaults to 0.001): probability that pure noise yields rank >= 1.
 
     Returns:
         [`MPFit`].
     """
     if estimator not in ESTIMATORS:
-        raise ValueError(f"`estimator` must be one of {ESTIMATORS}, got {estimator!r}.")
+        raise ValueError(f"`estimator` must be one of {tuple(ESTIMATORS)}, got {estimator!r}.")
     if n_samples < 2:
         raise ValueError(f"`n_samples` must be >= 2, got {n_samples}.")
     d = eigenvalues.numel()
     q = d / n_samples
-    if estimator == "bema":
-        sigma2 = estimate_sigma2_bema(eigenvalues, n_samples)
-    elif estimator == "mp_fit":
-        sigma2 = estimate_sigma2_mp_fit(eigenvalues, n_samples, tau)
-    else:
-        sigma2 = estimate_sigma2_quantile(eigenvalues, n_samples, tau)
+    sigma2 = ESTIMATORS[estimator](eigenvalues, n_samples, tau=tau, bulk_fraction=bulk_fraction)
     lambda_plus = mp_edges(sigma2, q)[1]
     threshold = lambda_plus + tracy_widom_margin(sigma2, d, n_samples, false_alarm)
     rank = int((eigenvalues.to(torch.float64) > threshold).sum())

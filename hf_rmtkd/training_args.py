@@ -60,6 +60,8 @@ class RMTKDTrainingArguments(TrainingArguments):
             Noise estimator: `"bema"`, `"mp_fit"` (the paper's) or `"quantile"`.
         reduction_tau (`float`, *optional*, defaults to 0.5):
             Quantile `tau` of `"mp_fit"` and `"quantile"`, in (0, 1).
+        reduction_bulk_fraction (`float`, *optional*, defaults to 0.2):
+            Share of each end of the spectrum `"bema"` trims before matching the bulk, in (0, 0.5).
         reduction_false_alarm (`float`, *optional*, defaults to 0.001):
             Tracy–Widom false-alarm level of the rank rule.
         reduction_centered (`bool`, *optional*, defaults to `True`):
@@ -125,6 +127,7 @@ class RMTKDTrainingArguments(TrainingArguments):
     )
     reduction_estimator: str = field(default="bema", metadata={"help": "'bema', 'mp_fit' or 'quantile'."})
     reduction_tau: float = field(default=0.5, metadata={"help": "Quantile tau for 'mp_fit' / 'quantile'."})
+    reduction_bulk_fraction: float = field(default=0.2, metadata={"help": "BEMA's trimmed share, in (0, 0.5)."})
     reduction_false_alarm: float = field(default=0.001, metadata={"help": "Tracy–Widom false-alarm level."})
     reduction_centered: bool = field(default=True, metadata={"help": "Centre activations before the covariance."})
     reduction_ffn_method: str = field(default="select", metadata={"help": "'select' or 'project'."})
@@ -156,7 +159,7 @@ class RMTKDTrainingArguments(TrainingArguments):
             raise ValueError(f"`distillation_temperature` must be > 0, got {self.distillation_temperature}.")
         self._check_choice("distillation_teacher", self.distillation_teacher, TEACHERS)
         self._check_choice("reduction_schedule", self.reduction_schedule, SCHEDULES)
-        self._check_choice("reduction_estimator", self.reduction_estimator, ESTIMATORS)
+        self._check_choice("reduction_estimator", self.reduction_estimator, tuple(ESTIMATORS))
         self._check_choice("reduction_ffn_method", self.reduction_ffn_method, FFN_METHODS)
         self._check_choice("reduction_false_alarm", self.reduction_false_alarm, tuple(sorted(TRACY_WIDOM_1_QUANTILES)))
         if self.reduction_recovery_steps is not None and self.reduction_recovery_steps < 1:
@@ -171,6 +174,8 @@ class RMTKDTrainingArguments(TrainingArguments):
             raise ValueError(f"`calibration_samples` must be >= 1 or None, got {self.calibration_samples}.")
         if self.calibration_max_tokens is not None and self.calibration_max_tokens < 2:
             raise ValueError(f"`calibration_max_tokens` must be >= 2 or None, got {self.calibration_max_tokens}.")
+        if not 0.0 < self.reduction_bulk_fraction < 0.5:
+            raise ValueError(f"`reduction_bulk_fraction` must be in (0, 0.5), got {self.reduction_bulk_fraction}.")
         if not 0.0 < self.reduction_tau < 1.0:
             raise ValueError(f"`reduction_tau` must be in (0, 1), got {self.reduction_tau}.")
         if not 0.0 <= self.reduction_min_rank_ratio < 1.0:
@@ -208,6 +213,7 @@ class RMTKDTrainingArguments(TrainingArguments):
         return {
             "estimator": self.reduction_estimator,
             "tau": self.reduction_tau,
+            "bulk_fraction": self.reduction_bulk_fraction,
             "false_alarm": self.reduction_false_alarm,
             "centered": self.reduction_centered,
             "max_samples": self.calibration_max_tokens,

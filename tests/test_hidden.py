@@ -117,3 +117,16 @@ class TestTrainer:
         assert resumed.model.config.reduced_modules.keys() == full.model.config.reduced_modules.keys()
         a, b = full.model.state_dict(), resumed.model.state_dict()
         assert all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
+
+
+def test_hidden_width_only_compress_records_provenance_and_its_spectrum(tmp_path):
+    model, _ = _planted(k=12)
+    batches = [{"input_ids": _ids(s)} for s in range(1, 9)]
+    compressed = compress(model, batches, target_modules=[], hidden_width=True, progress=False, seed=3)
+    calibration = compressed.config.calibration
+    assert len(calibration["fingerprint"]) == 64 and calibration["n_tokens"] == 240
+    assert calibration["estimator"] == "bema" and calibration["seed"] == 3 and calibration["bulk_fraction"] == 0.2
+    assert HIDDEN_KEY in compressed.rmtkd_spectra
+    from hf_rmtkd.hub import write_spectrum_plots
+
+    assert write_spectrum_plots(compressed, tmp_path) and list((tmp_path / "spectra").glob("*.png"))

@@ -141,3 +141,22 @@ class TestRankSelection:
     def test_bad_estimator_raises(self):
         with pytest.raises(ValueError, match="`estimator` must be one of"):
             fit_spectrum(torch.ones(4), 10, estimator="median")
+
+
+def test_estimators_are_a_registry_whose_knobs_are_reachable():
+    from hf_rmtkd.analysis import SpectralOptions
+    from hf_rmtkd.mp_law import ESTIMATORS, register_estimator
+
+    x = spiked_samples(40, 400, [8.0, 5.0], seed=1)
+    eigenvalues = sample_eigenvalues(x)
+    narrow = fit_spectrum(eigenvalues, 400, "bema", bulk_fraction=0.05).sigma2
+    wide = fit_spectrum(eigenvalues, 400, "bema", bulk_fraction=0.45).sigma2
+    assert narrow != pytest.approx(wide, rel=1e-6)  # BEMA's trimmed share reaches the estimate
+    register_estimator("fixed_one", lambda eigenvalues, n, **knobs: 1.0)
+    try:
+        assert fit_spectrum(eigenvalues, 400, "fixed_one").sigma2 == 1.0
+        assert SpectralOptions(estimator="fixed_one").estimator == "fixed_one"
+    finally:
+        del ESTIMATORS["fixed_one"]
+    with pytest.raises(ValueError, match="`bulk_fraction` must be in"):
+        SpectralOptions(bulk_fraction=0.7)
