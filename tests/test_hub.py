@@ -19,6 +19,12 @@ from huggingface_hub.errors import RepositoryNotFoundError
 import hf_rmtkd
 
 
+try:  # the HTTP client huggingface_hub uses: httpx2 for huggingface_hub 2.x, httpx for 1.x
+    import httpx2 as http_client
+except ImportError:
+    import httpx as http_client
+
+
 CODE_FILES = {"configuration_rmtkd.py", "modeling_rmtkd.py", "surgery.py", "layers.py", "sites.py"}
 
 
@@ -231,12 +237,12 @@ class TestInterruptedUpload:
             monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", dying.url)
             compressed.save_pretrained(tmp_path / "local")
             before = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
-            with pytest.raises(Exception) as caught:
+            # The server drops the connection: a transport error, not a silent success or an error of ours.
+            with pytest.raises((http_client.TransportError, ConnectionError)):
                 compressed.push_to_hub("testuser/dies")
             assert not dying.alive()
         finally:
             dying.stop()
-        assert "Connection" in type(caught.value).__name__ + str(caught.value) or "Disconnected" in str(caught.value)
         after = {p.name: p.read_bytes() for p in (tmp_path / "local").iterdir()}
         assert after == before
         reloaded = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "local").eval()

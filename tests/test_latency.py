@@ -90,9 +90,15 @@ class TestMerge:
 class TestRankMultiple:
     def test_ranks_are_rounded_up(self):
         plain, rounded = _compressed(), _compressed(rank_multiple=8)
+        common = plain.config.reduced_modules.keys() & rounded.config.reduced_modules.keys()
+        assert common and any(plain.config.reduced_modules[p]["rank"] % 8 for p in common)  # something to round
         for path, record in rounded.config.reduced_modules.items():
             assert record["rank"] % 8 == 0 or record["rank"] == record["dim"]
-            assert record["rank"] >= plain.config.reduced_modules.get(path, record)["rank"]
+        for path in common:
+            plain_rank = plain.config.reduced_modules[path]["rank"]
+            assert rounded.config.reduced_modules[path]["rank"] == min(
+                -(-plain_rank // 8) * 8, plain.config.reduced_modules[path]["dim"]
+            )
 
     def test_min_rank_ratio_floors_every_site(self):
         floored = _compressed(min_rank_ratio=0.5)
