@@ -164,7 +164,24 @@ def output_flags(args, student, teacher) -> dict:
         for model in (student, teacher):
             if getattr(model.config, "_attn_implementation", "eager") != "eager":
                 model.set_attn_implementation("eager")
+        disable_attention_dropout(student)
     return flags
+
+
+def disable_attention_dropout(model) -> None:
+    """Set the dropout on attention probabilities to 0 in every attention module of `model`.
+
+    Eager attention returns the probabilities *after* dropout: in training a tenth of them are 0 and the rest
+    scaled up, which is no distribution, and the KL to the teacher's would be dominated by the dropped entries.
+    """
+    for module in model.modules():
+        if "attention" not in type(module).__name__.lower():
+            continue
+        for name, child in module.named_children():
+            if isinstance(child, torch.nn.Dropout) and "resid" not in name:
+                child.p = 0.0
+        if isinstance(getattr(module, "attention_dropout", None), float):
+            module.attention_dropout = 0.0
 
 
 def representation_terms(flags, student, outputs, teacher_outputs, labels, num_items, attention_mask, shift) -> dict:

@@ -189,3 +189,26 @@ def test_trainer_given_the_original_object_of_a_compressed_model_saves_a_loadabl
     trainer.model.eval()
     with torch.no_grad():
         assert torch.allclose(reloaded(input_ids=ids).logits, trainer.model(input_ids=ids).logits, atol=1e-5)
+
+
+def test_attention_term_is_zero_for_a_copy_despite_attention_dropout(tmp_path):
+    # Eager attention returns post-dropout probabilities; the term must compare distributions, not dropped ones.
+    import copy
+
+    config = tiny_classifier().config
+    config.attention_probs_dropout_prob, config.hidden_dropout_prob = 0.3, 0.0
+    torch.manual_seed(0)
+    student = tf.BertForSequenceClassification(config)
+    teacher = copy.deepcopy(student)
+    args = _args(
+        tmp_path,
+        max_steps=3,
+        learning_rate=0.0,
+        logging_steps=1,
+        reduction_schedule="none",
+        distillation_teacher="external",
+        distillation_attention_weight=1.0,
+    )
+    trainer = RMTKDTrainer(model=student, args=args, train_dataset=_dataset(48), teacher_model=teacher)
+    trainer.train()
+    assert max(_logged(trainer, "attention_loss")) < 1e-6

@@ -230,6 +230,12 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
     rows.setdefault("_runs", []).append(" ".join(sys.argv))
     rows["_machine"] = machine_line()
     rows["_setup"] = task.describe(bench, args)["text"]
+    if args.max_steps > 0:
+        steps = args.max_steps * args.per_device_train_batch_size
+        rows["_setup"] += (
+            f" Budget of every recipe: {args.max_steps} optimizer steps ({steps:,} sentences drawn from the whole "
+            "training set), not the epochs above."
+        )
     store.write_text(json.dumps(rows, indent=1))
     lines = report(rows)
     if bench.results_file:
@@ -251,7 +257,8 @@ def report(rows: dict) -> list[str]:
         "Commands: " + "; ".join(f"`python {c}`" for c in rows.get("_runs", [])),
         "",
         rows.get("_setup", ""),
-        f"Teacher epoch on the full training set: {rows.get('_teacher_epoch_minutes', float('nan')):.1f} min. "
+        f"Teacher epoch on the full training set: {rows.get('_teacher_epoch_minutes', float('nan')):.1f} min "
+        "(wall time of the run that finished it, whatever else shared the machine). "
         f"Dev-set standard error of an accuracy near the teacher's: {stderr:.2f} points.",
         "",
         "| recipe | seeds | accuracy (%) | vs teacher (points) | whole params | FLOPs | CPU b1 | CPU b32 | minutes |",
