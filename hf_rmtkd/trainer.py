@@ -113,6 +113,7 @@ class RMTKDTrainer(Trainer):
         self._snapshot: RMTKDPreTrainedModel | None = None
         self._terms: dict[str, list[torch.Tensor]] = {"ce_loss": [], "kl_loss": []}
         self._validate()
+        self._attn_implementation = getattr(self.model.model.config, "_attn_implementation", None)
         self.reduction_callback = ReductionCallback(self)
         self.add_callback(self.reduction_callback)
 
@@ -402,9 +403,17 @@ class RMTKDTrainer(Trainer):
                 raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
         if resume_from_checkpoint:
             restore_reductions(self, Path(resume_from_checkpoint))
-        return super().train(
+        output = super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval,
             **kwargs,
         )
+        inner = self.model.model
+        if (
+            self._attn_implementation
+            and getattr(inner.config, "_attn_implementation", None) != self._attn_implementation
+        ):
+            # The attention term needed eager attention while training; the result serves with what it had.
+            inner.set_attn_implementation(self._attn_implementation)
+        return output

@@ -210,5 +210,8 @@ def test_attention_term_is_zero_for_a_copy_despite_attention_dropout(tmp_path):
         distillation_attention_weight=1.0,
     )
     trainer = RMTKDTrainer(model=student, args=args, train_dataset=_dataset(48), teacher_model=teacher)
+    implementation = student.config._attn_implementation
     trainer.train()
     assert max(_logged(trainer, "attention_loss")) < 1e-6
+    # Eager attention was for training only: the model serves with the implementation it came with.
+    assert trainer.model.model.config._attn_implementation == implementation
