@@ -84,11 +84,6 @@ class TestPureFunctions:
             assert torch.allclose(parts, full, atol=1e-6) and full > 0
 
 
-def _bert(seed=0):
-    torch.manual_seed(seed)
-    return tf.BertForSequenceClassification(tiny_config("bert", num_labels=2)).eval()
-
-
 class TestThroughRealModels:
     """The term is zero when the student is the teacher seen through the kept basis (exact slicings)."""
 
@@ -111,7 +106,6 @@ class TestThroughRealModels:
         assert hidden_state_loss(s.hidden_states, t.hidden_states, labels, 14, stream_map=torch.eye(32)) > 1e-3
 
     def test_encoder_identity_and_composed_maps(self):
-        model = _bert()
         basis = encoder_basis(torch.eye(32, dtype=torch.float64))
         assert torch.allclose(basis, torch.eye(32, dtype=torch.float64))
 
@@ -130,4 +124,3 @@ class TestThroughRealModels:
             map_from(holder, 24)
         with pytest.raises(ValueError, match="cannot follow"):
             add_stream_map(holder, StreamMap(first))
-        del model
