@@ -161,10 +161,14 @@ def output_flags(args, student, teacher) -> dict:
         flags["output_hidden_states"] = True
     if args.distillation_attention_weight > 0:
         flags["output_attentions"] = True
+        # Once per model object (a reduction that rebuilds the model gives a new one), not on every step.
         for model in (student, teacher):
-            if getattr(model.config, "_attn_implementation", "eager") != "eager":
-                model.set_attn_implementation("eager")
-        disable_attention_dropout(student)
+            if not model.__dict__.get("_rmtkd_eager_attention"):
+                if getattr(model.config, "_attn_implementation", "eager") != "eager":
+                    model.set_attn_implementation("eager")
+                if model is student:
+                    disable_attention_dropout(student)
+                model.__dict__["_rmtkd_eager_attention"] = True
     return flags
 
 

@@ -416,4 +416,5 @@ class RMTKDTrainer(Trainer):
         ):
             # The attention term needed eager attention while training; the result serves with what it had.
             inner.set_attn_implementation(self._attn_implementation)
+            inner.__dict__.pop("_rmtkd_eager_attention", None)
         return output
