@@ -32,10 +32,7 @@ from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.latency import time_forward_ms
 from hf_rmtkd.model_card import model_size_mb
 from hf_rmtkd.models.resnet_cifar import load_original_checkpoint
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
-from results_io import accuracy, machine_line, write_results  # noqa: E402
+from hf_rmtkd.reporting import accuracy, machine_line, write_results
 
 
 @dataclass

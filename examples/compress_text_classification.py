@@ -40,10 +40,7 @@ from transformers import (
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.latency import time_forward_ms
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
-from results_io import accuracy  # noqa: E402
+from hf_rmtkd.reporting import accuracy
 
 
 DEFAULT_OUTPUT = "outputs/minilm-bbc-rmtkd"

@@ -10,6 +10,7 @@ from transformers import (
 )
 
 from .analysis import SiteReport, SpectralOptions, SpectralReport, analyze
+from .budget_search import BudgetTry, search_output_error
 from .compression import compress, to_rmtkd
 from .configuration_rmtkd import RMTKDConfig
 from .latency import merge_low_rank, optimize_for_latency
@@ -49,6 +50,7 @@ def _register() -> None:
 _register()
 
 __all__ = [
+    "BudgetTry",
     "LowRankLinear",
     "RMTKDConfig",
     "RMTKDForCausalLM",
@@ -71,5 +73,6 @@ __all__ = [
     "merge_low_rank",
     "mp_edges",
     "optimize_for_latency",
+    "search_output_error",
     "to_rmtkd",
 ]

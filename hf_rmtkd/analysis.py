@@ -38,6 +38,9 @@ class SpectralOptions:
         rank_multiple (`int`, *optional*, defaults to 1): round every retained rank up to a multiple of this (capped
             at the width): 8 or 16 lets GPU and oneDNN kernels use their fast tiled paths.
         seed (`int`, *optional*): recorded in the checkpoint's provenance.
+        max_output_error (`float`, *optional*): per-site output-error budget in (0, 1): keep the smallest rank that
+            is at least the MP rank and keeps the site's relative output error within it (see
+            [`hf_rmtkd.output_error`]); `None` (default) keeps the paper's rule.
     """
 
     estimator: str = "bema"
@@ -50,6 +53,7 @@ class SpectralOptions:
     min_rank_ratio: float = 0.0
     rank_multiple: int = 1
     seed: int | None = None
+    max_output_error: float | None = None
 
     def __post_init__(self):
         if self.estimator not in ESTIMATORS:
@@ -70,6 +74,8 @@ class SpectralOptions:
             raise ValueError(f"`min_rank_ratio` must be in [0, 1), got {self.min_rank_ratio}.")
         if self.rank_multiple < 1:
             raise ValueError(f"`rank_multiple` must be >= 1, got {self.rank_multiple}.")
+        if self.max_output_error is not None and not 0.0 < self.max_output_error < 1.0:
+            raise ValueError(f"`max_output_error` must be in (0, 1) or None, got {self.max_output_error}.")
 
 
 @dataclass
@@ -86,6 +92,9 @@ class SiteReport:
         eigenvalues (`torch.Tensor` of shape `(d,)`): covariance eigenvalues, descending, float64.
         retained_variance (`float`): fraction of the total variance in the top `rank` eigen-directions.
         statistics: the raw sums, kept for surgery (not serialised).
+        mp_rank, budget_rank (`int`, *optional*): with an output-error budget, the MP rule's rank and the smallest
+            rank within the budget (`rank` is the larger, rounded); output_error (`float`, *optional*): the relative
+            output error at `rank`.
     """
 
     name: str
@@ -103,6 +112,9 @@ class SiteReport:
     retained_variance: float = 0.0
     producers: list[str] = field(default_factory=list)
     statistics: ActivationStatistics | None = field(default=None, repr=False)
+    mp_rank: int | None = None
+    budget_rank: int | None = None
+    output_error: float | None = None
 
     def summary(self) -> dict:
         """Scalar fields only: one row of the report table."""
@@ -118,6 +130,9 @@ class SiteReport:
             "lambda_plus": self.lambda_plus,
             "threshold": self.threshold,
             "retained_variance": self.retained_variance,
+            "mp_rank": self.mp_rank,
+            "budget_rank": self.budget_rank,
+            "output_error": self.output_error,
         }
 
 
@@ -224,13 +239,24 @@ def analyze_statistics(site: Site, stats: ActivationStatistics, options: Spectra
 
 
 def analyze_sites(
-    model: nn.Module, calibration_data: Iterable, sites: list[Site], options: SpectralOptions, progress: bool = True
+    model: nn.Module,
+    calibration_data: Iterable,
+    sites: list[Site],
+    options: SpectralOptions,
+    progress: bool = True,
+    ffn_method: str = "select",
 ) -> SpectralReport:
-    """Collect statistics for `sites` in one pass over the data and analyse each."""
+    """Collect statistics for `sites` in one pass over the data and analyse each (with `options.max_output_error`,
+    the ranks meet that budget for the FFN surgery `ffn_method`)."""
+    from .output_error import apply_output_budget
+
     stats, fingerprint = collect_statistics(
         model, calibration_data, [s.name for s in sites], options.max_samples, progress
     )
-    return SpectralReport({s.name: analyze_statistics(s, stats[s.name], options) for s in sites}, options, fingerprint)
+    report = SpectralReport(
+        {s.name: analyze_statistics(s, stats[s.name], options) for s in sites}, options, fingerprint
+    )
+    return apply_output_budget(model, report, ffn_method)
 
 
 def _merged_copy_of_peft(model: nn.Module) -> nn.Module:

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import weakref
 from collections.abc import Iterable
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .analysis import SpectralOptions, SpectralReport, analyze_sites
+from .analysis import SpectralOptions, SpectralReport
 from .configuration_rmtkd import RMTKDConfig
-from .hidden import HIDDEN_KEY, reduce_hidden
 from .layers import LowRankLinear
 from .modeling_rmtkd import RMTKDPreTrainedModel, wrapper_class_for
+from .pipeline import ReductionPlan, reduce_model
 from .processing import find_processing_class
+from .records import LinearRecord
 from .sites import linear_shape, select_sites
-from .surgery import FFN_METHODS, reduce_site
 
 
 logger = logging.getLogger(__name__)
@@ -60,21 +58,19 @@ def _mark(model: PreTrainedModel, wrapper: RMTKDPreTrainedModel) -> None:
     model.__dict__[_MARK] = _Wrapped(wrapper, wrapper.config)
 
 
-def _records_describe(model: nn.Module, records: dict[str, dict]) -> bool:
-    """Whether `model`'s modules have the reduced shapes `records` say (so the records can be continued)."""
-    for path, record in records.items():
-        if record["kind"] == "hidden":
-            if getattr(model.config, "hidden_size", None) != record["rank"]:
-                return False
-            continue
+def _records_describe(model: nn.Module, config: RMTKDConfig) -> bool:
+    """Whether `model`'s modules have the reduced shapes `config`'s records say (so the records can be continued)."""
+    if config.hidden_width is not None and getattr(model.config, "hidden_size", None) != config.hidden_width.rank:
+        return False
+    for path, record in config.reduced_modules.items():
         try:
             module = model.get_submodule(path)
         except AttributeError:
             return False
-        if record["kind"] == "linear" and not record.get("merged"):
-            if not isinstance(module, LowRankLinear) or module.rank != record["rank"]:
+        if isinstance(record, LinearRecord):
+            if not record.merged and (not isinstance(module, LowRankLinear) or module.rank != record.rank):
                 return False
-        elif record["kind"] == "ffn" and linear_shape(module)[0] != record["rank"]:
+        elif linear_shape(module)[0] != record.rank:
             return False
     return True
 
@@ -91,7 +87,7 @@ def _existing_wrapper(model: PreTrainedModel) -> RMTKDPreTrainedModel | None:
     wrapper, config = mark.wrapper(), mark.config
     if wrapper is not None and wrapper.model is model:
         return wrapper
-    if not _records_describe(model, config.reduced_modules):
+    if not _records_describe(model, config):
         raise ValueError(
             f"This {type(model).__name__} was handed to hf_rmtkd (compress, to_rmtkd or RMTKDTrainer) and the RMTKD "
             "model made from it has since been rebuilt, so its records no longer describe this object. Pass the RMTKD "
@@ -151,59 +147,6 @@ def wrap_existing(
     return cls(config, model=model)
 
 
-def _site_error(name: str, error: Exception) -> Exception:
-    cls = TypeError if isinstance(error, TypeError) else ValueError
-    return cls(f"Reducing site {name!r} failed, so no site was reduced (the model is as it was): {error}")
-
-
-def apply_report(
-    model: RMTKDPreTrainedModel, report: SpectralReport, ffn_method: str = "select", names: Iterable[str] | None = None
-) -> dict[str, dict]:
-    """Reduce the sites of `report` (or only `names`) in `model` and record them in its config.
-
-    All or nothing: surgery replaces modules (it never writes into existing ones), so if any site fails, the modules
-    replaced before it are put back and the config is left as it was.
-
-    Returns:
-        The new config records, keyed by module path.
-
-    Raises:
-        `ValueError` (or `TypeError`) naming the site whose surgery failed; the model is then unchanged.
-    """
-    options = report.options
-    records, spectra = {}, {}
-    inner = model.model
-    replaced: list[tuple[str, nn.Module]] = []  # (path, module before the surgery), to put back on failure
-    try:
-        for name in names or list(report):
-            site = report[name]
-            try:
-                replaced.extend((path, inner.get_submodule(path)) for path in (name, *site.producers))
-                record = reduce_site(inner, site, options.centered, ffn_method)
-            except Exception as error:
-                raise _site_error(name, error) from error
-            # Keep what the card's plots need, not the (d, d) eigenvectors and sums.
-            spectra[name] = dataclasses.replace(site, eigenvectors=torch.empty(0), statistics=None)
-            if record is None:
-                continue
-            previous = model.config.reduced_modules.get(name)
-            if previous is not None:
-                # A second reduction of the same site: shapes stay relative to the original module.
-                record["in_features"], record["out_features"] = previous["in_features"], previous["out_features"]
-            record.update(estimator=options.estimator, tau=options.tau, false_alarm=options.false_alarm)
-            records[name] = record
-    except BaseException:
-        for path, module in reversed(replaced):
-            parent_path, _, child = path.rpartition(".")
-            setattr(inner.get_submodule(parent_path) if parent_path else inner, child, module)
-        raise
-    model.__dict__.setdefault("rmtkd_spectra", {}).update(spectra)
-    model.config.reduced_modules.update(records)
-    n_tokens = max((site.n_samples for site in report.values()), default=0)
-    model.config.record_calibration(report.fingerprint, n_tokens, dataclasses.asdict(options))
-    return records
-
-
 def compress(
     model: PreTrainedModel | RMTKDPreTrainedModel,
     calibration_data: Iterable,
@@ -246,26 +189,14 @@ def compress(
         `ValueError` / `TypeError` naming the argument, module or site at fault. Nothing is reduced then: the model
         is left as it was.
     """
-    if ffn_method not in FFN_METHODS:
-        raise ValueError(f"`ffn_method` must be one of {FFN_METHODS}, got {ffn_method!r}.")
     spectral = SpectralOptions(**options)
+    plan = ReductionPlan(target_modules=target_modules, hidden_steps_left=int(hidden_width), ffn_method=ffn_method)
     wrapper, created = _wrap(model)
-    inner, config = wrapper.model, wrapper.config
-    before = (dict(config.reduced_modules), dict(config.calibration))
+    inner = wrapper.model
     try:
         select_sites(inner, target_modules)  # names that match nothing raise before any work
-        if hidden_width and iter(calibration_data) is calibration_data:
-            calibration_data = list(calibration_data)  # iterated more than once below
-        hidden = reduce_hidden(wrapper, calibration_data, spectral, progress) if hidden_width else None
-        sites = select_sites(wrapper.model, target_modules)
-        report = SpectralReport({}, spectral, "")
-        if sites:
-            report = analyze_sites(wrapper.model, calibration_data, sites, spectral, progress)
-            apply_report(wrapper, report, ffn_method)
+        result = reduce_model(wrapper, calibration_data, spectral, plan, progress)
     except BaseException:
-        # The hidden width swaps in a rebuilt model; apply_report has already put its own sites back.
-        wrapper.model = inner
-        config.reduced_modules, config.calibration = before
         if created:
             inner.__dict__.pop(_MARK, None)
         raise
@@ -277,6 +208,4 @@ def compress(
         wrapper.processing_class = processing_class
     elif wrapper.processing_class is None:
         wrapper.processing_class = find_processing_class(wrapper) or find_processing_class(inner)
-    if hidden is not None:
-        report = SpectralReport({HIDDEN_KEY: hidden, **report}, spectral, report.fingerprint)
-    return (wrapper, report) if return_report else wrapper
+    return (wrapper, result.report) if return_report else wrapper

@@ -8,10 +8,10 @@ from typing import Any
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from .records import FORMAT_VERSION, HIDDEN_SITE, HiddenRecord, ModuleRecord, upgrade_records
 
-SITE_KINDS = ("ffn", "linear", "hidden")
+
 _MISSING = object()
-_REQUIRED_RECORD_KEYS = ("kind", "in_features", "out_features", "rank")
 # Attributes that pipelines and generation read from `model.config`; the base config's values are served.
 _FORWARDED_ATTRIBUTES = (
     "vocab_size",
@@ -42,12 +42,16 @@ class RMTKDConfig(PreTrainedConfig):
             `to_dict()` of the uncompressed model's config (it carries its `model_type`).
         base_architecture (`str`):
             Class name of the uncompressed model, e.g. `"BertForSequenceClassification"`.
-        reduced_modules (`dict[str, dict]`, *optional*):
-            One record per reduced site, keyed by module path inside the base model. Each record holds `kind`
-            (`"ffn"`: the inner width of a feed-forward block, or `"linear"`: a low-rank factorisation), `in_features`,
-            `out_features` and `rank`; FFN records also hold `producers` (paths of the modules whose outputs form the
-            inner width). Provenance per record: `sigma2`, `lambda_plus`, `threshold`, `n_samples`, `estimator`,
-            `tau`, `dim`.
+        reduced_modules (`dict[str, FFNRecord | LinearRecord]`, *optional*):
+            One typed record per reduced module, keyed by module path inside the base model (see
+            [`hf_rmtkd.records`]: `FFNRecord` for the inner width of a feed-forward block, `LinearRecord` for a
+            low-rank factorisation; each with its shape, `rank` and the MP provenance). Dicts (as in `config.json`)
+            are converted on construction.
+        hidden_width ([`~hf_rmtkd.records.HiddenRecord`], *optional*):
+            The residual-stream width reduction, if any: `dim -> rank` and the base-config overrides that rebuild it.
+        format_version (`int`, *optional*):
+            Version of the record format; checkpoints of hf_rmtkd 0.1.0 (none recorded, version 1) are converted on
+            read, and a version newer than this library's is refused.
         calibration (`dict`, *optional*):
             Provenance of the calibration: token count, fingerprint (sha256 of the calibration batches), seed,
             estimator, `tau`, false-alarm level and whether the covariance was centred.
@@ -70,11 +74,16 @@ class RMTKDConfig(PreTrainedConfig):
     base_config: dict | None = None
     base_architecture: str | None = None
     reduced_modules: dict | None = None
+    hidden_width: dict | HiddenRecord | None = None
     calibration: dict | None = None
     weights_sha256: str | None = None
+    format_version: int | None = None
 
     def __post_init__(self, **kwargs):
-        self.reduced_modules = dict(self.reduced_modules or {})
+        self.reduced_modules, self.hidden_width = upgrade_records(
+            self.reduced_modules, self.hidden_width, self.format_version
+        )
+        self.format_version = FORMAT_VERSION
         self.calibration = dict(self.calibration or {})
         base = self.base_config or {}
         # Pipelines read labels from the top-level config; default them from the base model's.
@@ -82,7 +91,6 @@ class RMTKDConfig(PreTrainedConfig):
             self.id2label = {int(k): v for k, v in base["id2label"].items()}
             self.label2id = dict(base.get("label2id") or {v: k for k, v in self.id2label.items()})
         super().__post_init__(**kwargs)
-        self.validate_records()
 
     def record_calibration(self, fingerprint: str, n_tokens: int, options: dict) -> None:
         """Record the calibration behind the last reduction: data fingerprint (sha256), token count, and the spectral
@@ -90,22 +98,26 @@ class RMTKDConfig(PreTrainedConfig):
         self.calibration = {"fingerprint": fingerprint, "n_tokens": int(n_tokens), **options}
 
     def validate_records(self) -> None:
-        """Check every `reduced_modules` record; raises `ValueError` naming the module, the field and the value."""
+        """Check every record (after a hand edit of the fields); raises `ValueError` naming the record, the field
+        and the value."""
         for path, record in self.reduced_modules.items():
-            missing = [key for key in _REQUIRED_RECORD_KEYS if key not in record]
-            if missing:
-                raise ValueError(
-                    f"`reduced_modules[{path!r}]` is missing {missing}; every record needs {_REQUIRED_RECORD_KEYS}."
-                )
-            if record["kind"] not in SITE_KINDS:
-                raise ValueError(
-                    f"`reduced_modules[{path!r}].kind` must be one of {SITE_KINDS}, got {record['kind']!r}."
-                )
-            for key in ("in_features", "out_features", "rank"):
-                if not isinstance(record[key], int) or record[key] < 1:
-                    raise ValueError(f"`reduced_modules[{path!r}].{key}` must be a positive int, got {record[key]!r}.")
-            if record["kind"] == "ffn" and not record.get("producers"):
-                raise ValueError(f"`reduced_modules[{path!r}]` is an FFN record without `producers`.")
+            if not isinstance(record, ModuleRecord):
+                raise ValueError(f"`reduced_modules[{path!r}]` must be an FFNRecord or LinearRecord, got {record!r}.")
+            record.validate(f"reduced_modules[{path!r}]")
+        if self.hidden_width is not None:
+            self.hidden_width.validate("hidden_width")
+
+    def ranks(self) -> dict[str, int]:
+        """Retained rank of every reduction: `{"hidden_size": k}` first if the width was reduced, then by path."""
+        ranks = {HIDDEN_SITE: self.hidden_width.rank} if self.hidden_width is not None else {}
+        return {**ranks, **{path: record.rank for path, record in self.reduced_modules.items()}}
+
+    def to_dict(self) -> dict[str, Any]:
+        """As `PreTrainedConfig.to_dict`, with the records as plain dicts (what `config.json` holds)."""
+        output = super().to_dict()
+        output["reduced_modules"] = {path: record.to_dict() for path, record in self.reduced_modules.items()}
+        output["hidden_width"] = self.hidden_width.to_dict() if self.hidden_width is not None else None
+        return output
 
     def get_base_config(self) -> PreTrainedConfig:
         """The uncompressed model's config, rebuilt through `AutoConfig.for_model`."""
@@ -127,17 +139,15 @@ class RMTKDConfig(PreTrainedConfig):
         return AutoConfig.for_model(model_type, **values)
 
     def config_overrides(self) -> dict:
-        """Base-config values changed by a reduction (the hidden-width site sets `hidden_size` and friends)."""
-        overrides = {}
-        for record in (self.reduced_modules or {}).values():
-            overrides.update(record.get("config_overrides") or {})
-        return overrides
+        """Base-config values changed by a reduction (the hidden width sets `hidden_size` and friends)."""
+        hidden = self.__dict__.get("hidden_width")
+        return dict(hidden.config_overrides) if isinstance(hidden, HiddenRecord) else {}
 
     def __getattr__(self, name: str) -> Any:
         # Only reached when normal lookup fails: serve the base config's values of the common attributes.
         if name in _FORWARDED_ATTRIBUTES:
             base = self.__dict__.get("base_config") or {}
-            overrides = self.config_overrides() if "reduced_modules" in self.__dict__ else {}
+            overrides = self.config_overrides()
             # GPT-2 and others store `hidden_size` as `n_embd`: follow the base config class's attribute map.
             base_class = CONFIG_MAPPING[base["model_type"]] if base.get("model_type") in CONFIG_MAPPING else None
             keys = (name, getattr(base_class, "attribute_map", {}).get(name))

@@ -125,7 +125,7 @@ def _module_of(key: str) -> str:
 def _owning_record(config, module: str) -> str | None:
     """The `reduced_modules` entry a module belongs to (the site itself, a part of it, or one of its producers)."""
     for path, record in config.reduced_modules.items():
-        for owned in (path, *record.get("producers", [])):
+        for owned in (path, *getattr(record, "producers", [])):
             if module == owned or module.startswith(owned + "."):
                 return path
     return None
@@ -138,7 +138,7 @@ def raise_on_bad_weights(model, info: dict, source) -> None:
         key, saved, expected = mismatched[0]
         module = _module_of(key)
         owner = _owning_record(model.config, module)
-        recorded = f" (recorded rank {model.config.reduced_modules[owner]['rank']})" if owner else ""
+        recorded = f" (recorded rank {model.config.reduced_modules[owner].rank})" if owner else ""
         raise ValueError(
             f"Checkpoint {str(source)!r} does not match its recorded ranks: reduced module {owner or module!r}{recorded}: "
             f"tensor {key[len('model.') :]!r} has shape {tuple(saved)} in the checkpoint but {tuple(expected)} from the "

@@ -70,7 +70,7 @@ def merge_low_rank(model: RMTKDPreTrainedModel, names: list[str] | None = None) 
 
 def _replace_with_dense(model: RMTKDPreTrainedModel, path: str, dense: nn.Linear) -> None:
     _set_module(model.model, path, dense)
-    model.config.reduced_modules[path]["merged"] = True
+    model.config.reduced_modules[path].merged = True
 
 
 @torch.inference_mode()
@@ -125,7 +125,7 @@ def optimize_for_latency(
             "device": str(weight.device),
             "merged": merge,
         }
-        model.config.reduced_modules[path]["latency"] = dict(decisions[path])
+        model.config.reduced_modules[path].latency = dict(decisions[path])
         if merge:
             _replace_with_dense(model, path, dense)
     return decisions

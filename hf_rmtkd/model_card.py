@@ -11,6 +11,8 @@ from pathlib import Path
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .records import HIDDEN_SITE, LinearRecord
+
 
 logger = logging.getLogger(__name__)
 
@@ -72,37 +74,42 @@ def base_model_size(model) -> tuple[int | None, float | None]:
 
 
 def reduced_module_rows(config) -> list[dict[str, str]]:
-    """One table row per record of `config.reduced_modules`: module, kind, `d -> k`, `sigma2`, `lambda_plus`."""
+    """One table row per record: the hidden width first (`hidden_size`), then `config.reduced_modules` by path;
+    module, kind, `d -> k`, the MP and budget ranks, `sigma2`, `lambda_plus` and how the module is stored."""
+    records = sorted((config.reduced_modules or {}).items())
+    if getattr(config, "hidden_width", None) is not None:
+        records.insert(0, (HIDDEN_SITE, config.hidden_width))
     rows = []
-    for name, record in sorted((config.reduced_modules or {}).items()):
-        kind = record.get("kind", UNKNOWN)
-        dim = record.get("dim") or (record.get("in_features") if kind == "linear" else None)
+    for name, record in records:
+        dim = record.dim or getattr(record, "in_features", None)
         rows.append(
             {
                 "name": name,
-                "kind": kind,
+                "kind": record.kind,
                 "dim": dim if dim is not None else UNKNOWN,
-                "rank": record.get("rank", UNKNOWN),
-                "sigma2": _number(record.get("sigma2")),
-                "lambda_plus": _number(record.get("lambda_plus")),
+                "rank": record.rank,
+                # Without an output-error budget the MP rule alone chose the rank.
+                "ranks": f"{record.mp_rank} / {record.budget_rank}" if record.budget_rank is not None else "MP only",
+                "sigma2": _number(record.sigma2),
+                "lambda_plus": _number(record.lambda_plus),
                 "form": _form(record),
             }
         )
     return rows
 
 
-def _form(record: Mapping) -> str:
+def _form(record) -> str:
     """How the reduced module is stored: sliced dense, factorised, or merged back to dense (with the timings)."""
-    if record.get("kind") != "linear":
+    if not isinstance(record, LinearRecord):
         return "dense, narrower"
-    timing = record.get("latency")
+    timing = record.latency
     measured = (
         f" ({_number(timing.get('factorised_ms'))} ms factorised vs {_number(timing.get('dense_ms'))} ms dense at "
         f"{timing.get('rows', UNKNOWN)} rows, {timing.get('device', UNKNOWN)})"
         if isinstance(timing, Mapping)
         else ""
     )
-    return ("dense (merged)" if record.get("merged") else "factorised") + measured
+    return ("dense (merged)" if record.merged else "factorised") + measured
 
 
 def _metric_rows(metrics: Mapping | None) -> list[dict[str, str]]:

@@ -1,12 +1,13 @@
 """RMTKD model classes: rebuild the reduced shapes of any supported architecture from `RMTKDConfig` alone.
 
-This file and the ones it imports relatively (configuration_rmtkd, integrity, surgery, layers, sites) are copied next
-to every saved checkpoint, so it also loads with `trust_remote_code=True` where hf_rmtkd is not installed: keep their
-imports to torch, transformers, the standard library and each other.
+This file and the ones it imports relatively (configuration_rmtkd, records, integrity, surgery, hidden_reload, layers,
+sites) are copied next to every saved checkpoint, so it also loads with `trust_remote_code=True` where hf_rmtkd is not
+installed: keep their imports to torch, transformers, the standard library and each other (flat files, no packages).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import re
 
@@ -23,6 +24,7 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_rmtkd import RMTKDConfig
 from .integrity import raise_on_bad_weights, safetensors_sha256, verify_weights, weight_files
+from .records import FFNRecord
 from .surgery import apply_structure
 
 
@@ -120,7 +122,7 @@ class RMTKDPreTrainedModel(PreTrainedModel):
             architecture, prefix = self._resolve_architecture(config)
             base_config = config.get_base_config()
             model = architecture(base_config)
-            apply_structure(model, self._records_for(config, prefix))
+            apply_structure(model, self._records_for(config, prefix), config.hidden_width)
         self.model = model
         self.main_input_name = getattr(model, "main_input_name", "input_ids")
         # Spectra of the reductions made in this session (module path -> SiteReport without eigenvectors), for the
@@ -162,18 +164,16 @@ class RMTKDPreTrainedModel(PreTrainedModel):
         )
 
     @staticmethod
-    def _records_for(config: RMTKDConfig, prefix: str) -> dict[str, dict]:
+    def _records_for(config: RMTKDConfig, prefix: str) -> dict:
+        """`config.reduced_modules` with paths relative to the base model when a task checkpoint loads as it."""
         if not prefix:
             return config.reduced_modules
         head = prefix + "."
         records = {}
         for path, record in config.reduced_modules.items():
-            if record["kind"] == "hidden":
-                records[path] = record  # not a module path: applies to the whole model
-            elif path.startswith(head):
-                record = dict(record)
-                if "producers" in record:
-                    record["producers"] = [p[len(head) :] for p in record["producers"]]
+            if path.startswith(head):
+                if isinstance(record, FFNRecord):
+                    record = dataclasses.replace(record, producers=[p[len(head) :] for p in record.producers])
                 records[path[len(head) :]] = record
         return records
 

@@ -6,7 +6,7 @@ import copy
 import json
 from pathlib import Path
 
-from .hidden import HIDDEN_KEY
+from .configuration_rmtkd import RMTKDConfig
 from .kept_basis import load_stream_maps, save_stream_maps
 from .surgery import apply_structure
 
@@ -33,17 +33,17 @@ def restore_reductions(trainer, checkpoint: Path) -> None:
         `ValueError` if the checkpoint holds a reduced model but not its teacher (`rmtkd_teacher/` missing).
     """
     model = trainer.model
-    config = json.loads((checkpoint / "config.json").read_text())
-    records = config.get("reduced_modules") or {}
-    new = {k: v for k, v in records.items() if k not in model.config.reduced_modules}
+    saved = RMTKDConfig.from_json_file(checkpoint / "config.json")  # 0.1.0 records are converted on read
+    new = {k: v for k, v in saved.reduced_modules.items() if k not in model.config.reduced_modules}
     model.config.reduced_modules.update(new)
-    if HIDDEN_KEY in new:
+    if saved.hidden_width is not None and model.config.hidden_width != saved.hidden_width:
         # The hidden width changes the architecture itself: rebuild the inner model from the checkpoint's config.
+        model.config.hidden_width = saved.hidden_width
         rebuilt = type(model)(copy.deepcopy(model.config)).model
         model.model = rebuilt.to(trainer.args.device).train(model.training)
     else:
         apply_structure(model.model, new)
-    model.config.calibration = config.get("calibration") or {}
+    model.config.calibration = saved.calibration
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     callback = trainer.reduction_callback
     exported = (state.get("stateful_callbacks") or {}).get(type(callback).__name__)

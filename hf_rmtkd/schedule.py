@@ -9,11 +9,11 @@ import re
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
+from .records import HIDDEN_SITE
 from .sites import Site
 
 
 logger = logging.getLogger(__name__)
-HIDDEN_GROUP = "<hidden_size>"
 
 
 # Shortest path prefix that ends in a numeric component: the repeated block a site sits in.
@@ -131,7 +131,7 @@ class ReductionCallback(TrainerCallback, ExportableState):
 
     def _steps_left(self, index: int) -> int:
         """Hidden-width steps from `index` on (progressive width)."""
-        return sum(1 for group in self.groups[index:] if group == [HIDDEN_GROUP]) or 1
+        return sum(1 for group in self.groups[index:] if group == [HIDDEN_SITE]) or 1
 
     def _reduce(self, index: int, relaxation: float = 0.0) -> None:
         args = self.trainer.args

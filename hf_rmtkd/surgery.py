@@ -34,8 +34,9 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .hidden_gpt2 import widen_attention
+from .hidden_reload import widen_attention
 from .layers import LowRankLinear
+from .records import FFNRecord, HiddenRecord, LinearRecord, ModuleRecord
 from .sites import linear_shape
 
 
@@ -50,13 +51,13 @@ def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(parent, child, module)
 
 
-def _weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+def weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Weight as `(out_features, in_features)` float64 (`(out, in, kh, kw)` for a convolution), and the bias."""
     # Surgery runs on the CPU in float64, beside the statistics; `_assign` copies results back to the module's device.
     if isinstance(module, LowRankLinear):
         # Re-reducing a factorised layer: start from the dense map it computes, `up.W down.W`.
-        down, _ = _weight_and_bias(module.down)
-        weight, bias = _weight_and_bias(module.up)
+        down, _ = weight_and_bias(module.down)
+        weight, bias = weight_and_bias(module.up)
         return weight @ down, bias
     weight = module.weight.detach().to(device="cpu", dtype=torch.float64)
     if isinstance(module, Conv1D):
@@ -111,18 +112,17 @@ def saves_parameters(in_features: int, out_features: int, rank: int) -> bool:
     return rank * (in_features + out_features) < in_features * out_features
 
 
-def apply_structure(model: nn.Module, records: dict[str, dict]) -> None:
-    """Replace modules so their shapes match `records` (from `RMTKDConfig.reduced_modules`); weights are left unset.
+def apply_structure(model: nn.Module, records: dict[str, ModuleRecord], hidden: HiddenRecord | None = None) -> None:
+    """Replace modules so their shapes match `records` (`RMTKDConfig.reduced_modules`) and the hidden-width record
+    `hidden` (whose config overrides the model was already built with); weights are left unset.
 
     Raises:
         `ValueError` naming the module if a record disagrees with the model (missing module or wrong widths).
     """
+    if hidden is not None and hidden.attention_width:
+        # GPT-2 keeps its attention at the old width (hf_rmtkd.hidden.gpt2).
+        widen_attention(model, hidden.attention_width)
     for path, record in records.items():
-        if record["kind"] == "hidden":
-            # Built from the config's overrides (hf_rmtkd.hidden); GPT-2 also keeps its old attention width.
-            if record.get("attention_width"):
-                widen_attention(model, record["attention_width"])
-            continue
         try:
             consumer = model.get_submodule(path)
         except AttributeError as err:
@@ -130,23 +130,23 @@ def apply_structure(model: nn.Module, records: dict[str, dict]) -> None:
                 f"Reduced module {path!r} recorded in the config does not exist in {type(model).__name__}."
             ) from err
         in_features, out_features = linear_shape(consumer)
-        if (in_features, out_features) != (record["in_features"], record["out_features"]):
+        if (in_features, out_features) != (record.in_features, record.out_features):
             raise ValueError(
-                f"Reduced module {path!r}: the config records shape (in={record['in_features']}, "
-                f"out={record['out_features']}) but the base model has (in={in_features}, out={out_features})."
+                f"Reduced module {path!r}: the config records shape (in={record.in_features}, "
+                f"out={record.out_features}) but the base model has (in={in_features}, out={out_features})."
             )
-        rank = record["rank"]
+        rank = record.rank
         # The mean correction can give a bias-free layer a bias: the record says which.
-        bias = record.get("bias", consumer.bias is not None)
-        if record["kind"] == "linear":
+        bias = record.bias if record.bias is not None else consumer.bias is not None
+        if isinstance(record, LinearRecord):
             factory = {"device": consumer.weight.device, "dtype": consumer.weight.dtype}
-            if record.get("merged"):
+            if record.merged:
                 # Merged back to dense where that measured faster (hf_rmtkd.latency): a plain nn.Linear.
                 _set_module(model, path, nn.Linear(in_features, out_features, bias=bias, **factory))
             else:
                 _set_module(model, path, LowRankLinear(in_features, out_features, rank, bias).to(**factory))
             continue
-        for producer_path in record["producers"]:
+        for producer_path in record.producers:
             producer = model.get_submodule(producer_path)
             _set_module(model, producer_path, _new_linear_like(producer, linear_shape(producer)[0], rank))
         _set_module(model, path, _new_linear_like(consumer, rank, out_features, bias))
@@ -184,7 +184,7 @@ def _sliced_channels(module: nn.Module, keep: torch.Tensor) -> nn.Module:
             if module.num_batches_tracked is not None:
                 new.num_batches_tracked.copy_(module.num_batches_tracked)
         return new
-    w1, b1 = _weight_and_bias(module)
+    w1, b1 = weight_and_bias(module)
     _assign(new, w1[keep], b1[keep] if b1 is not None else None)
     return new
 
@@ -202,7 +202,7 @@ def _response_to_constant(weight: torch.Tensor, value: torch.Tensor) -> torch.Te
 def _reduce_ffn(model: nn.Module, site, centered: bool, method: str) -> bool:
     stats, k = site.statistics, site.rank
     consumer = model.get_submodule(site.name)
-    w2, b2 = _weight_and_bias(consumer)
+    w2, b2 = weight_and_bias(consumer)
     producers = [(p, model.get_submodule(p)) for p in site.producers]
     if method == "project" and isinstance(consumer, nn.Conv2d):
         raise ValueError(
@@ -233,7 +233,7 @@ def _reduce_ffn(model: nn.Module, site, centered: bool, method: str) -> bool:
         projection = site.eigenvectors[:, :k].T  # (k, d_ff), orthonormal rows
         new_w2, new_b2 = w2 @ projection.T, b2
         for path, module in producers:
-            w1, b1 = _weight_and_bias(module)
+            w1, b1 = weight_and_bias(module)
             new = _new_linear_like(module, w1.shape[1], k)
             _assign(new, projection @ w1, projection @ b1 if b1 is not None else None)
             _set_module(model, path, new)
@@ -245,7 +245,7 @@ def _reduce_ffn(model: nn.Module, site, centered: bool, method: str) -> bool:
 
 def _reduce_linear(model: nn.Module, site, centered: bool) -> bool:
     module = model.get_submodule(site.name)
-    weight, bias = _weight_and_bias(module)
+    weight, bias = weight_and_bias(module)
     projection = site.eigenvectors[:, : site.rank].T  # (k, d_in)
     new_bias = bias
     if centered:
@@ -276,7 +276,7 @@ def _check_site_matches(model: nn.Module, site, in_features: int) -> None:
         )
 
 
-def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str = "select") -> dict | None:
+def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str = "select") -> ModuleRecord | None:
     """Reduce one analysed site of `model` in place.
 
     Args:
@@ -307,22 +307,19 @@ def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str =
         bias = _reduce_linear(model, site, centered)
     else:
         bias = _reduce_ffn(model, site, centered, ffn_method)
-    record = {
-        "kind": site.kind,
-        "in_features": in_features,
-        "out_features": out_features,
-        "rank": site.rank,
-        "bias": bias,
+    provenance = {
+        "mp_rank": site.mp_rank,
+        "budget_rank": site.budget_rank,
+        "output_error": site.output_error,
+        "dim": site.dim,
+        "signal_rank": site.signal_rank,
+        "n_samples": site.n_samples,
+        "sigma2": site.sigma2,
+        "lambda_plus": site.lambda_plus,
+        "threshold": site.threshold,
+        "retained_variance": site.retained_variance,
     }
+    shape = {"in_features": in_features, "out_features": out_features, "rank": site.rank, "bias": bias}
     if site.kind == "ffn":
-        record["producers"] = list(site.producers)
-        record["ffn_method"] = ffn_method
-    record.update(
-        dim=site.dim,
-        n_samples=site.n_samples,
-        sigma2=site.sigma2,
-        lambda_plus=site.lambda_plus,
-        threshold=site.threshold,
-        retained_variance=site.retained_variance,
-    )
-    return record
+        return FFNRecord(**shape, **provenance, producers=list(site.producers), ffn_method=ffn_method)
+    return LinearRecord(**shape, **provenance)

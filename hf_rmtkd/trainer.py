@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-import itertools
 import logging
-import math
 from pathlib import Path
 
 import torch
@@ -14,14 +12,14 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .analysis import SpectralOptions, SpectralReport, analyze_sites
-from .compression import apply_report, to_rmtkd, wrap_existing
+from .calibration import calibration_subset, is_iterable_only
+from .compression import to_rmtkd, wrap_existing
 from .distillation import distillation_loss
-from .hidden import HIDDEN_KEY, reduce_hidden
 from .kept_basis import stream_maps
 from .model_card import TAGS, build_model_card, metrics_from_log_history, spectrum_plots
 from .modeling_rmtkd import RMTKDForCausalLM, RMTKDPreTrainedModel
-from .relaxation import relax_report
+from .pipeline import ReductionPlan, reduce_model
+from .records import HIDDEN_SITE
 from .representation import output_flags, representation_terms
 from .rewire import rewire_trainer
 from .run_checkpoint import restore_reductions, save_run_extras
@@ -31,32 +29,6 @@ from .training_args import RMTKDTrainingArguments
 
 
 logger = logging.getLogger(__name__)
-
-
-def _is_iterable_only(dataset) -> bool:
-    """A dataset without a length (`datasets.IterableDataset`, `torch.utils.data.IterableDataset`, a generator)."""
-    return isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__")
-
-
-def calibration_subset(dataset, args: RMTKDTrainingArguments):
-    """The default calibration set: a seeded `calibration_samples` (else `calibration_fraction`) of `dataset`.
-
-    A dataset without a length gives its first `calibration_samples` examples (`calibration_fraction` needs a
-    length: `ValueError` without `calibration_samples`).
-    """
-    if _is_iterable_only(dataset):
-        if args.calibration_samples is None:
-            raise ValueError(
-                f"The training dataset ({type(dataset).__name__}) has no length, so `calibration_fraction` cannot "
-                "be applied: set `calibration_samples` or pass a `calibration_dataset`."
-            )
-        if hasattr(dataset, "take"):
-            return dataset.take(args.calibration_samples)
-        return list(itertools.islice(iter(dataset), args.calibration_samples))
-    count = min(args.calibration_samples or math.ceil(args.calibration_fraction * len(dataset)), len(dataset))
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(args.seed))[:count]
-    indices = sorted(order.tolist())
-    return dataset.select(indices) if hasattr(dataset, "select") else torch.utils.data.Subset(dataset, indices)
 
 
 class RMTKDTrainer(Trainer):
@@ -149,7 +121,7 @@ class RMTKDTrainer(Trainer):
         dataset = self.train_dataset
         if dataset is None:
             return
-        if _is_iterable_only(dataset):
+        if is_iterable_only(dataset):
             if (
                 self.calibration_dataset is None
                 and args.calibration_samples is None
@@ -254,7 +226,7 @@ class RMTKDTrainer(Trainer):
         groups = layer_groups(sites, self.args.reduction_schedule)
         if self.args.reduction_hidden_width and self.args.reduction_schedule != "none":
             # First, in `reduction_hidden_steps` steps: every other site's recorded shapes depend on the width.
-            groups = [[HIDDEN_KEY]] * self.args.reduction_hidden_steps + groups
+            groups = [[HIDDEN_SITE]] * self.args.reduction_hidden_steps + groups
         return groups
 
     def _calibration_data(self):
@@ -276,50 +248,45 @@ class RMTKDTrainer(Trainer):
 
         Args:
             index: position of the group in the schedule.
-            names: site names, or `[HIDDEN_KEY]` for a hidden-width step.
+            names: site names, or `["hidden_size"]` for a hidden-width step.
             steps_left: hidden-width steps left including this one (progressive width).
             relaxation: share of the way from each MP rank back to the full width, in [0, 1) (the metric budget's
                 gentler retries; see [`ReductionCallback`]).
         """
         args, model = self.args, self.model
-        params_before = model.num_parameters()
         self._snapshot = self._take_snapshot()
         if args.distillation_teacher == "self":
             self.teacher = self._snapshot
-        options = SpectralOptions(**args.spectral_options())
-        calibration, progress = self._calibration_data(), self.is_world_process_zero() and not args.disable_tqdm
-        if names == [HIDDEN_KEY]:
-            hidden = reduce_hidden(model, calibration, options, progress, steps_left, relaxation)
-            report, records = SpectralReport({HIDDEN_KEY: hidden}, options, ""), [HIDDEN_KEY]
-        else:
-            report = analyze_sites(model.model, calibration, select_sites(model.model, names), options, progress)
-            report = relax_report(report, relaxation)
-            records = apply_report(model, report, args.reduction_ffn_method)
+        hidden = names == [HIDDEN_SITE]
+        plan = ReductionPlan(
+            target_modules=[] if hidden else names,
+            hidden_steps_left=steps_left if hidden else 0,
+            ffn_method=args.reduction_ffn_method,
+            relaxation=relaxation,
+        )
+        progress = self.is_world_process_zero() and not args.disable_tqdm
+        options = args.spectral_options()
+        result = reduce_model(model, self._calibration_data(), options, plan, progress)
         rewire_trainer(self)
-        params_after = model.num_parameters()
-        logs = {"rmtkd/reduction": float(index), "rmtkd/params_before": float(params_before)}
-        logs["rmtkd/params_after"] = float(params_after)
-        for name, site in report.items():
-            for key, value in (
-                ("d", site.dim),
-                ("k", site.rank),
-                ("sigma2", site.sigma2),
-                ("lambda_plus", site.lambda_plus),
-            ):
-                logs[f"rmtkd/{name}/{key}"] = float(value)
+        logs = {"rmtkd/reduction": float(index), "rmtkd/params_before": float(result.params_before)}
+        logs["rmtkd/params_after"] = float(result.params_after)
+        sites = {
+            n: {"d": s.dim, "k": s.rank, "n": s.n_samples, "sigma2": s.sigma2, "lambda_plus": s.lambda_plus}
+            for n, s in result.report.items()
+        }
+        for name, site in sites.items():
+            for key in ("d", "k", "sigma2", "lambda_plus"):
+                logs[f"rmtkd/{name}/{key}"] = float(site[key])
         self.log(logs)
         if self.is_world_process_zero():
-            report.plot(Path(args.output_dir) / "spectra" / f"reduction_{index:02d}")
+            result.report.plot(Path(args.output_dir) / "spectra" / f"reduction_{index:02d}")
         return {
             "index": index,
             "step": self.state.global_step,
-            "params_before": params_before,
-            "params_after": params_after,
-            "reduced": sorted(records),
-            "sites": {
-                n: {"d": s.dim, "k": s.rank, "n": s.n_samples, "sigma2": s.sigma2, "lambda_plus": s.lambda_plus}
-                for n, s in report.items()
-            },
+            "params_before": result.params_before,
+            "params_after": result.params_after,
+            "reduced": sorted(result.records),
+            "sites": sites,
         }
 
     def budget_metric(self) -> float:
@@ -339,6 +306,7 @@ class RMTKDTrainer(Trainer):
             parameter.requires_grad_(True)
         self.model.model = snapshot.model
         self.model.config.reduced_modules = snapshot.config.reduced_modules
+        self.model.config.hidden_width = snapshot.config.hidden_width
         self.model.__dict__["rmtkd_stream_maps"] = stream_maps(snapshot)
         if self.args.distillation_teacher == "self":
             # The snapshot was the teacher; it is the model again, so there is none until the next reduction.

@@ -6,12 +6,24 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .mp_law import ESTIMATORS, TRACY_WIDOM_1_QUANTILES
+from .analysis import SpectralOptions
 from .surgery import FFN_METHODS
 
 
 TEACHERS = ("self", "external")
 SCHEDULES = ("layerwise", "all_at_once", "none")
+# The one table from training arguments to `SpectralOptions` fields (option -> argument); `seed` comes from `seed`.
+SPECTRAL_FIELDS = {
+    "estimator": "reduction_estimator",
+    "tau": "reduction_tau",
+    "bulk_fraction": "reduction_bulk_fraction",
+    "false_alarm": "reduction_false_alarm",
+    "centered": "reduction_centered",
+    "max_samples": "calibration_max_tokens",
+    "min_rank_ratio": "reduction_min_rank_ratio",
+    "rank_multiple": "reduction_rank_multiple",
+    "max_output_error": "reduction_max_output_error",
+}
 
 
 @dataclass
@@ -79,6 +91,10 @@ class RMTKDTrainingArguments(TrainingArguments):
             step (`w * (k_MP / w)^(1 / steps left)`) on a spectrum re-estimated after the previous step's recovery.
         reduction_rank_multiple (`int`, *optional*, defaults to 1):
             Round every retained rank up to a multiple of this, >= 1 (8 or 16 for GPU-friendly shapes).
+        reduction_max_output_error (`float`, *optional*):
+            Per-site output-error budget in (0, 1): every rank is at least the MP rank and keeps the site's relative
+            output error (from the calibration statistics, see `hf_rmtkd.output_error`) within it. `None`: the
+            paper's rule alone.
         reduction_max_metric_drop (`float`, *optional*):
             Stop rule `epsilon`: before each further reduction and at the end of training the eval metric is compared
             with its value before the last reduction; a drop larger than this undoes that reduction (the model returns
@@ -140,6 +156,12 @@ class RMTKDTrainingArguments(TrainingArguments):
         default=1, metadata={"help": "Hidden-width reductions that reach the MP width (geometric steps), >= 1."}
     )
     reduction_rank_multiple: int = field(default=1, metadata={"help": "Round ranks up to a multiple of this."})
+    reduction_max_output_error: float | None = field(
+        default=None,
+        metadata={
+            "help": "Per-site relative output-error budget in (0, 1): ranks at least the MP rank and within it."
+        },
+    )
     reduction_max_metric_drop: float | None = field(
         default=None, metadata={"help": "Stop rule epsilon on the eval metric."}
     )
@@ -159,9 +181,8 @@ class RMTKDTrainingArguments(TrainingArguments):
             raise ValueError(f"`distillation_temperature` must be > 0, got {self.distillation_temperature}.")
         self._check_choice("distillation_teacher", self.distillation_teacher, TEACHERS)
         self._check_choice("reduction_schedule", self.reduction_schedule, SCHEDULES)
-        self._check_choice("reduction_estimator", self.reduction_estimator, tuple(ESTIMATORS))
+        self.spectral_options()  # validated once, by SpectralOptions, with this class's field names in the message
         self._check_choice("reduction_ffn_method", self.reduction_ffn_method, FFN_METHODS)
-        self._check_choice("reduction_false_alarm", self.reduction_false_alarm, tuple(sorted(TRACY_WIDOM_1_QUANTILES)))
         if self.reduction_recovery_steps is not None and self.reduction_recovery_steps < 1:
             raise ValueError(f"`reduction_recovery_steps` must be >= 1 or None, got {self.reduction_recovery_steps}.")
         if not 0.0 < self.reduction_span <= 1.0:
@@ -172,16 +193,6 @@ class RMTKDTrainingArguments(TrainingArguments):
             raise ValueError(f"`calibration_fraction` must be in (0, 1], got {self.calibration_fraction}.")
         if self.calibration_samples is not None and self.calibration_samples < 1:
             raise ValueError(f"`calibration_samples` must be >= 1 or None, got {self.calibration_samples}.")
-        if self.calibration_max_tokens is not None and self.calibration_max_tokens < 2:
-            raise ValueError(f"`calibration_max_tokens` must be >= 2 or None, got {self.calibration_max_tokens}.")
-        if not 0.0 < self.reduction_bulk_fraction < 0.5:
-            raise ValueError(f"`reduction_bulk_fraction` must be in (0, 0.5), got {self.reduction_bulk_fraction}.")
-        if not 0.0 < self.reduction_tau < 1.0:
-            raise ValueError(f"`reduction_tau` must be in (0, 1), got {self.reduction_tau}.")
-        if not 0.0 <= self.reduction_min_rank_ratio < 1.0:
-            raise ValueError(f"`reduction_min_rank_ratio` must be in [0, 1), got {self.reduction_min_rank_ratio}.")
-        if self.reduction_rank_multiple < 1:
-            raise ValueError(f"`reduction_rank_multiple` must be >= 1, got {self.reduction_rank_multiple}.")
         if self.reduction_max_metric_drop is not None and self.reduction_max_metric_drop < 0:
             raise ValueError(
                 f"`reduction_max_metric_drop` must be >= 0 or None, got {self.reduction_max_metric_drop}."
@@ -208,16 +219,18 @@ class RMTKDTrainingArguments(TrainingArguments):
         if value not in allowed:
             raise ValueError(f"`{name}` must be one of {allowed}, got {value!r}.")
 
-    def spectral_options(self, seed: int | None = None) -> dict:
-        """Keyword arguments of [`SpectralOptions`] for the reductions."""
-        return {
-            "estimator": self.reduction_estimator,
-            "tau": self.reduction_tau,
-            "bulk_fraction": self.reduction_bulk_fraction,
-            "false_alarm": self.reduction_false_alarm,
-            "centered": self.reduction_centered,
-            "max_samples": self.calibration_max_tokens,
-            "min_rank_ratio": self.reduction_min_rank_ratio,
-            "rank_multiple": self.reduction_rank_multiple,
-            "seed": self.seed if seed is None else seed,
-        }
+    def spectral_options(self, seed: int | None = None) -> SpectralOptions:
+        """The [`SpectralOptions`] of the reductions, through [`SPECTRAL_FIELDS`].
+
+        Raises:
+            `ValueError` naming this class's field (e.g. `reduction_tau`), the value and what is allowed.
+        """
+        values = {option: getattr(self, name) for option, name in SPECTRAL_FIELDS.items()}
+        values["seed"] = self.seed if seed is None else seed
+        try:
+            return SpectralOptions(**values)
+        except ValueError as error:
+            message = str(error)
+            for option, name in SPECTRAL_FIELDS.items():
+                message = message.replace(f"`{option}`", f"`{name}`")
+            raise ValueError(message) from None

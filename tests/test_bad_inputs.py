@@ -15,8 +15,9 @@ from torch import nn
 
 import hf_rmtkd
 from hf_rmtkd.calibration import batch_sums
-from hf_rmtkd.compression import apply_report, to_rmtkd
+from hf_rmtkd.compression import to_rmtkd
 from hf_rmtkd.layers import LowRankLinear
+from hf_rmtkd.pipeline import apply_report
 
 
 def _logits(model, batch):
@@ -69,7 +70,7 @@ class TestDeadLayersAndFailedSurgery:
             compressed = hf_rmtkd.compress(
                 model, tiny_batches("bert"), target_modules=["layer.1.output.dense"], progress=False
             )
-        assert compressed.config.reduced_modules["bert.encoder.layer.1.output.dense"]["rank"] == 1
+        assert compressed.config.reduced_modules["bert.encoder.layer.1.output.dense"].rank == 1
         # The dropped neurons carry nothing: the output is unchanged.
         torch.testing.assert_close(_logits(compressed, batch), reference, rtol=0, atol=1e-5)
 
@@ -116,8 +117,8 @@ class TestHugeActivations:
             model, tiny_batches("bert"), target_modules=["layer.1.output.dense"], progress=False
         )
         record = compressed.config.reduced_modules["bert.encoder.layer.1.output.dense"]
-        assert math.isfinite(record["sigma2"]) and record["sigma2"] > 1e30  # was NaN: float32 x x^T overflowed
-        assert record["rank"] > 1
+        assert math.isfinite(record.sigma2) and record.sigma2 > 1e30  # was NaN: float32 x x^T overflowed
+        assert record.rank > 1
         assert torch.isfinite(_logits(compressed, batch)).all()
 
     def test_non_finite_sums_name_the_site(self):
@@ -186,7 +187,7 @@ class TestCompressTwice:
         module = compressed.get_submodule(f"model.{path}")
         assert isinstance(module, LowRankLinear) and module.rank == rank - 2 and not _nested_low_rank(compressed)
         record = compressed.config.reduced_modules[path]
-        assert (record["in_features"], record["out_features"], record["rank"]) == (32, 32, rank - 2)
+        assert (record.in_features, record.out_features, record.rank) == (32, 32, rank - 2)
         batch = tiny_batches("bert", 1, seed=4)[0]
         expected = _logits(compressed, batch)
         compressed.save_pretrained(tmp_path)

@@ -85,7 +85,7 @@ def test_report_keeps_one_row_per_epochs_factor_and_judges_each():
 
     def row(accuracy, params, factor=None):
         measured = {"accuracy": accuracy, "params": params, "block_params": params // 2, "mb": 1.0, "flops": params}
-        measured.update(cpu_b1_ms=10.0, cpu_b32_ms=100.0, ranks={"<hidden_size>": 12})
+        measured.update(cpu_b1_ms=10.0, cpu_b32_ms=100.0, ranks={"hidden_size": 12})
         return {**measured, "epochs_factor": factor} if factor else measured
 
     rows = {"teacher": row(0.85, 1000), "rmtkd": row(0.84, 700), "rmtkd_hidden_long_x8": row(0.80, 190, 8.0)}

@@ -7,7 +7,8 @@ from conftest import tiny_config
 from testing_utils import hidden_trainer_args, lm_dataset, planted_llama, token_ids
 
 from hf_rmtkd import compress
-from hf_rmtkd.hidden import HIDDEN_KEY, slice_hidden
+from hf_rmtkd.hidden import slice_hidden
+from hf_rmtkd.records import HIDDEN_SITE
 
 
 def _llama(seed=0):
@@ -49,8 +50,8 @@ class TestCompress:
             expected = model(_ids()).logits
         batches = [{"input_ids": _ids(s)} for s in range(1, 9)]
         compressed = compress(model, batches, target_modules=[], hidden_width=True, progress=False)
-        record = compressed.config.reduced_modules[HIDDEN_KEY]
-        assert (record["kind"], record["dim"], record["rank"]) == ("hidden", 32, 12)
+        record = compressed.config.hidden_width
+        assert (record.kind, record.dim, record.rank) == ("hidden", 32, 12)
         with torch.no_grad():
             assert torch.allclose(compressed(_ids()).logits, expected, atol=1e-4)
         compressed.save_pretrained(tmp_path)
@@ -62,7 +63,7 @@ class TestCompress:
         assert generated.shape == (1, 14)
         from hf_rmtkd.model_card import build_model_card
 
-        assert f"| `{HIDDEN_KEY}` | hidden | 32 -> 12 |" in str(build_model_card(reloaded))
+        assert f"| `{HIDDEN_SITE}` | hidden | 32 -> 12 |" in str(build_model_card(reloaded))
 
     def test_then_the_other_sites_reduce_on_the_narrow_model(self, tmp_path):
         model, _ = _planted(k=12)
@@ -77,7 +78,7 @@ class TestCompress:
     def test_unsupported_family_and_wrong_order_are_refused(self):
         distilbert = tf.DistilBertModel(tiny_config("distilbert"))  # a post-LN layout of its own: not supported
         batches = [{"input_ids": _ids()}]
-        with pytest.raises(TypeError, match="pre-norm RMSNorm decoders"):
+        with pytest.raises(TypeError, match=r"model_type 'distilbert'.*registered model types: \[.*'llama'"):
             compress(distilbert, batches, hidden_width=True, progress=False)
         reduced = compress(_llama(), batches * 4, progress=False)
         with pytest.raises(ValueError, match="hidden width must be reduced before"):
@@ -96,8 +97,8 @@ class TestTrainer:
         start = full.model.num_parameters()
         full.train()
         history = full.reduction_callback.history
-        assert history[0]["reduced"] == [HIDDEN_KEY] and history[0]["params_after"] < start
-        assert full.model.model.config.hidden_size == full.model.config.reduced_modules[HIDDEN_KEY]["rank"] < 32
+        assert history[0]["reduced"] == [HIDDEN_SITE] and history[0]["params_after"] < start
+        assert full.model.model.config.hidden_size == full.model.config.hidden_width.rank < 32
         assert len(history) >= 2  # then the layers, on the narrow model
         full.save_model(tmp_path / "final")
         reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
@@ -126,7 +127,26 @@ def test_hidden_width_only_compress_records_provenance_and_its_spectrum(tmp_path
     calibration = compressed.config.calibration
     assert len(calibration["fingerprint"]) == 64 and calibration["n_tokens"] == 240
     assert calibration["estimator"] == "bema" and calibration["seed"] == 3 and calibration["bulk_fraction"] == 0.2
-    assert HIDDEN_KEY in compressed.rmtkd_spectra
+    assert HIDDEN_SITE in compressed.rmtkd_spectra
     from hf_rmtkd.hub import write_spectrum_plots
 
     assert write_spectrum_plots(compressed, tmp_path) and list((tmp_path / "spectra").glob("*.png"))
+
+
+def test_a_new_family_is_one_registry_entry(monkeypatch):
+    from hf_rmtkd.hidden import FAMILIES, family_for, register_family
+    from hf_rmtkd.hidden.llama import LlamaFamily
+
+    monkeypatch.setattr("hf_rmtkd.hidden.family.FAMILIES", dict(FAMILIES))
+    model = _llama()
+    model.config.model_type = "my_llama"  # as a new model type that shares Llama's layout would be
+    with pytest.raises(TypeError, match="'my_llama'"):
+        family_for(model)
+
+    class MyLlama(LlamaFamily):
+        model_types = ("my_llama",)
+
+    register_family(MyLlama())
+    assert isinstance(family_for(model), MyLlama)
+    compressed = compress(model, [{"input_ids": _ids()}] * 4, hidden_width=True, target_modules=[], progress=False)
+    assert compressed.config.hidden_width.rank < 32

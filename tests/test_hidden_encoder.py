@@ -6,8 +6,9 @@ import transformers as tf
 from conftest import tiny_config
 
 from hf_rmtkd import compress
-from hf_rmtkd.hidden import HIDDEN_KEY, residual_statistics
-from hf_rmtkd.hidden_encoder import align_mean_direction, align_to_coordinates, slice_encoder
+from hf_rmtkd.hidden import residual_statistics
+from hf_rmtkd.hidden.encoder import align_mean_direction, align_to_coordinates, slice_encoder
+from hf_rmtkd.records import HIDDEN_SITE
 
 
 CASES = [
@@ -113,9 +114,9 @@ class TestCompress:
         model = _model("bert", tf.BertForSequenceClassification, norm_weights=(0.8, 1.2))
         batches = iter(_batches())  # a one-shot iterator: the encoder needs two passes, compress keeps them
         compressed = compress(model, batches, hidden_width=True, progress=False)
-        record = compressed.config.reduced_modules[HIDDEN_KEY]
+        record = compressed.config.hidden_width
         width = compressed.model.config.hidden_size
-        assert record["rank"] == width < 32 and width % 4 == 0
+        assert record.rank == width < 32 and width % 4 == 0
         assert compressed.model.bert.encoder.layer[0].attention.self.attention_head_size == width // 4
         assert len(compressed.config.reduced_modules) > 1
         compressed.save_pretrained(tmp_path)
@@ -139,7 +140,7 @@ class TestTrainer:
         trainer = RMTKDTrainer(model=model, args=args, train_dataset=data)
         trainer.train()
         history = trainer.reduction_callback.history
-        assert history[0]["reduced"] == [HIDDEN_KEY] and len(history) >= 2
+        assert history[0]["reduced"] == [HIDDEN_SITE] and len(history) >= 2
         trainer.save_model(tmp_path / "final")
         reloaded = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path / "final").eval()
         assert reloaded.config.hidden_size < 32

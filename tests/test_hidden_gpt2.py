@@ -6,8 +6,9 @@ import transformers as tf
 from conftest import tiny_config
 
 from hf_rmtkd import compress
-from hf_rmtkd.hidden import HIDDEN_KEY, centred_statistics, mean_aligned_basis, residual_statistics
-from hf_rmtkd.hidden_gpt2 import slice_gpt2
+from hf_rmtkd.hidden import centred_statistics, mean_aligned_basis, residual_statistics
+from hf_rmtkd.hidden.gpt2 import slice_gpt2
+from hf_rmtkd.records import HIDDEN_SITE
 
 
 CLASSES = (tf.GPT2LMHeadModel, tf.GPT2ForSequenceClassification, tf.GPT2ForTokenClassification)
@@ -106,8 +107,8 @@ class TestCompress:
         expected = _logits(model, _ids())
         batches = [{"input_ids": _ids(s)} for s in range(1, 9)]
         compressed = compress(model, batches, target_modules=[], hidden_width=True, progress=False)
-        record = compressed.config.reduced_modules[HIDDEN_KEY]
-        assert (record["dim"], record["rank"], record["signal_rank"], record["attention_width"]) == (D, 12, 11, D)
+        record = compressed.config.hidden_width
+        assert (record.dim, record.rank, record.signal_rank, record.attention_width) == (D, 12, 11, D)
         assert torch.allclose(_logits(compressed, _ids()), expected, atol=1e-4)
         compressed.save_pretrained(tmp_path)
         reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
@@ -143,7 +144,7 @@ def test_hidden_width_is_the_first_scheduled_reduction_on_gpt2(tmp_path):
     trainer = RMTKDTrainer(model=_planted()[0], args=args, train_dataset=lm_dataset())
     trainer.train()
     history = trainer.reduction_callback.history
-    assert history[0]["reduced"] == [HIDDEN_KEY] and trainer.model.model.config.n_embd == 12
+    assert history[0]["reduced"] == [HIDDEN_SITE] and trainer.model.model.config.n_embd == 12
     trainer.save_model(tmp_path / "final")
     reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "final").eval()
     trainer.model.eval()

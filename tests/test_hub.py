@@ -70,9 +70,10 @@ class TestPushAndLoad:
         assert "rmt-kd" in card.data.tags
         for plot in plots:
             assert f"]({plot})" in card.text
+        assert compressed.config.reduced_modules
         for name, record in compressed.config.reduced_modules.items():
             assert f"`{name}`" in card.text
-            assert f"-> {record['rank']} |" in card.text
+            assert f"-> {record.rank} |" in card.text
         results = card.data.eval_results
         assert results[0].metric_type == "accuracy" and results[0].metric_value == pytest.approx(0.89)
 

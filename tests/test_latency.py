@@ -43,7 +43,7 @@ class TestMerge:
             after = model(**_batch()).logits
         assert torch.allclose(before, after, atol=1e-5)
         assert not _low_rank_paths(model)
-        assert all(model.config.reduced_modules[p]["merged"] for p in paths)
+        assert all(model.config.reduced_modules[p].merged for p in paths)
         model.save_pretrained(tmp_path)
         reloaded = tf.AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
         assert all(type(reloaded.model.get_submodule(p)) is nn.Linear for p in paths)
@@ -77,7 +77,7 @@ class TestMerge:
             assert decision["merged"] == (decision["dense_ms"] <= decision["factorised_ms"])
             expected = nn.Linear if decision["merged"] else LowRankLinear
             assert type(model.model.get_submodule(path)) is expected
-            assert model.config.reduced_modules[path]["latency"]["rows"] == 64
+            assert model.config.reduced_modules[path].latency["rows"] == 64
         with torch.no_grad():
             assert torch.allclose(model(**_batch()).logits, before, atol=1e-5)
         model.save_pretrained(tmp_path)
@@ -91,20 +91,20 @@ class TestRankMultiple:
     def test_ranks_are_rounded_up(self):
         plain, rounded = _compressed(), _compressed(rank_multiple=8)
         common = plain.config.reduced_modules.keys() & rounded.config.reduced_modules.keys()
-        assert common and any(plain.config.reduced_modules[p]["rank"] % 8 for p in common)  # something to round
+        assert common and any(plain.config.reduced_modules[p].rank % 8 for p in common)  # something to round
         for path, record in rounded.config.reduced_modules.items():
-            assert record["rank"] % 8 == 0 or record["rank"] == record["dim"]
+            assert record.rank % 8 == 0 or record.rank == record.dim
         for path in common:
-            plain_rank = plain.config.reduced_modules[path]["rank"]
-            assert rounded.config.reduced_modules[path]["rank"] == min(
-                -(-plain_rank // 8) * 8, plain.config.reduced_modules[path]["dim"]
+            plain_rank = plain.config.reduced_modules[path].rank
+            assert rounded.config.reduced_modules[path].rank == min(
+                -(-plain_rank // 8) * 8, plain.config.reduced_modules[path].dim
             )
 
     def test_min_rank_ratio_floors_every_site(self):
         floored = _compressed(min_rank_ratio=0.5)
         assert floored.config.reduced_modules
         for record in floored.config.reduced_modules.values():
-            assert record["rank"] >= -(-record["dim"] // 2)
+            assert record.rank >= -(-record.dim // 2)
         with pytest.raises(ValueError, match="min_rank_ratio"):
             SpectralOptions(min_rank_ratio=1.0)
 

@@ -37,7 +37,10 @@ class TestBuildModelCard:
         rows = reduced_module_rows(compressed.config)
         assert len(rows) == len(compressed.config.reduced_modules) > 0
         for row in rows:
-            assert f"| `{row['name']}` | {row['kind']} | {row['dim']} -> {row['rank']} | {row['sigma2']} |" in text
+            assert (
+                f"| `{row['name']}` | {row['kind']} | {row['dim']} -> {row['rank']} | {row['ranks']} | {row['sigma2']} |"
+                in text
+            )
             assert row["sigma2"] != "unknown" and row["lambda_plus"] != "unknown"
         assert 'AutoModelForSequenceClassification.from_pretrained("testuser/tiny-rmtkd")' in text
         assert "trust_remote_code=True" in text

@@ -135,7 +135,7 @@ class TestBadCheckpoints:
     def test_rank_mismatch_names_module_and_both_shapes(self, saved):
         root, compressed = saved
         name, record = next(iter(compressed.config.reduced_modules.items()))
-        rank = record["rank"]
+        rank = record.rank
         target = self._edit_config(root, lambda c: c["reduced_modules"][name].update(rank=rank + 1))
         expected = rf"reduced module '{name}' \(recorded rank {rank + 1}\).*\({rank}, 32\).*\({rank + 1}, 32\)"
         with pytest.raises(ValueError, match=expected):
@@ -181,7 +181,9 @@ class TestConfig:
             ({"kind": "conv", "in_features": 4, "out_features": 4, "rank": 2}, "kind` must be one of"),
             ({"kind": "linear", "in_features": 4, "out_features": 4, "rank": 0}, "rank` must be a positive int"),
             ({"kind": "linear", "in_features": 4, "rank": 2}, "missing \\['out_features'\\]"),
-            ({"kind": "ffn", "in_features": 4, "out_features": 4, "rank": 2}, "without `producers`"),
+            ({"kind": "ffn", "in_features": 4, "out_features": 4, "rank": 2}, "missing \\['producers'\\]"),
+            ({"kind": "ffn", "in_features": 4, "out_features": 4, "rank": 2, "producers": []}, "producers` must be"),
+            ({"kind": "hidden", "rank": 2, "config_overrides": {"hidden_size": 2}}, "hidden width is `hidden_width`"),
         ],
     )
     def test_bad_records_raise_value_error(self, record, match):
@@ -196,7 +198,8 @@ class TestConfig:
         assert len(calibration["fingerprint"]) == 64 and calibration["seed"] == 7
         assert calibration["estimator"] == "bema" and calibration["n_tokens"] > 0
         record = compressed.config.reduced_modules["encoder.layer.0.output.dense"]
-        assert {"sigma2", "lambda_plus", "n_samples", "estimator", "tau", "dim", "producers"} <= set(record)
+        assert {"sigma2", "lambda_plus", "n_samples", "estimator", "tau", "dim", "producers"} <= set(record.to_dict())
+        assert all(record.to_dict()[key] is not None for key in ("sigma2", "lambda_plus", "n_samples", "estimator"))
 
 
 def test_non_transformers_model_is_refused_by_compress():

@@ -84,5 +84,10 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     trainer = namespace["trainer"]
     done = [h for h in trainer.reduction_callback.history if not h.get("undone")]
     assert done and trainer.model.num_parameters() < fresh_model().num_parameters()  # the snippet compresses
-    exec(blocks[3], namespace)  # Hub: push and load back
+    budget = next(i for i, block in enumerate(blocks) if "search_output_error" in block)
+    namespace["model"] = fresh_model()
+    exec(blocks[budget].replace("path/to/your/model", str(user)), namespace)  # the output-error budget
+    assert any(t.accepted for t in namespace["tries"]) and namespace["record"].budget_rank is not None
+    hub = next(i for i, block in enumerate(blocks) if "push_to_hub" in block)
+    exec(blocks[hub], namespace)  # Hub: push and load back
     assert isinstance(namespace["model"], tf.PreTrainedModel)

@@ -88,7 +88,7 @@ def _similarities(model, batches):
 def test_minilm_hidden_width_keeps_sentence_geometry(minilm):
     _require(SST2_TRAIN)
     from hf_rmtkd.hidden import residual_statistics
-    from hf_rmtkd.hidden_encoder import slice_encoder
+    from hf_rmtkd.hidden.encoder import slice_encoder
 
     model, tokenizer = minilm
     batches = _sst2_batches(tokenizer, count=384)

@@ -16,8 +16,8 @@ from testing_utils import (
 )
 
 from hf_rmtkd import RMTKDTrainer
-from hf_rmtkd.hidden import HIDDEN_KEY
 from hf_rmtkd.kept_basis import MAPS_FILE, stream_maps
+from hf_rmtkd.records import HIDDEN_SITE
 
 
 _planted, _args, _classifier, _dataset, _lm_data = (
@@ -86,10 +86,10 @@ class TestProgressiveWidth:
             model=_planted(k=8)[0], args=hidden_trainer_args(tmp_path / "full", **settings), train_dataset=_lm_data()
         )
         full.train()
-        widths = [entry["sites"][HIDDEN_KEY]["k"] for entry in full.reduction_callback.history]
+        widths = [entry["sites"][HIDDEN_SITE]["k"] for entry in full.reduction_callback.history]
         assert widths == [16, 8]  # 32 * (8 / 32)^(1/2) = 16, then the MP width re-estimated on the narrower model
-        record = full.model.config.reduced_modules[HIDDEN_KEY]
-        assert (record["dim"], record["rank"], record["widths"]) == (32, 8, [16, 8])
+        record = full.model.config.hidden_width
+        assert (record.dim, record.rank, record.widths) == (32, 8, [16, 8])
         assert [m.matrix.shape for m in stream_maps(full.model)] == [(32, 16), (16, 8)]
         full.save_model(tmp_path / "final")
         reloaded = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "final")
@@ -105,7 +105,7 @@ class TestProgressiveWidth:
         assert (checkpoint / MAPS_FILE).exists()
         resumed = RMTKDTrainer(model=_planted(k=8)[0], args=cut_args, train_dataset=_lm_data())
         resumed.train(resume_from_checkpoint=str(checkpoint))
-        assert resumed.model.config.reduced_modules[HIDDEN_KEY]["widths"] == [16, 8]
+        assert resumed.model.config.hidden_width.widths == [16, 8]
         a, b = full.model.state_dict(), resumed.model.state_dict()
         assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-4) for k in a)
 

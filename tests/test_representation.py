@@ -5,8 +5,8 @@ import torch
 import transformers as tf
 from conftest import tiny_config
 
-from hf_rmtkd.hidden_encoder import encoder_basis
-from hf_rmtkd.hidden_gpt2 import slice_gpt2
+from hf_rmtkd.hidden.encoder import encoder_basis
+from hf_rmtkd.hidden.gpt2 import slice_gpt2
 from hf_rmtkd.kept_basis import StreamMap, add_stream_map, map_from
 from hf_rmtkd.representation import attention_loss, count_items, hidden_state_loss, layer_map
 

@@ -58,7 +58,7 @@ class TestResNetCifar:
         assert site.n_samples == 16 * 4 * 4  # one sample per spatial position of conv2's input
         site.rank = 3
         record = reduce_site(model, site)
-        assert record["rank"] == 3 and record["in_features"] == 8
+        assert record.rank == 3 and record.in_features == 8
         assert block.conv1.out_channels == block.bn1.num_features == block.conv2.in_channels == 3
         with torch.no_grad():
             torch.testing.assert_close(model(images).logits, reference, rtol=0, atol=1e-5)

@@ -7,6 +7,7 @@ from torch import nn
 
 import hf_rmtkd
 from hf_rmtkd.layers import LowRankLinear
+from hf_rmtkd.records import LinearRecord
 from hf_rmtkd.sites import linear_shape
 from hf_rmtkd.surgery import apply_structure, pivoted_cholesky, reduce_site, saves_parameters
 
@@ -46,7 +47,7 @@ class TestFFNSelection:
         site = report[consumer]
         site.rank = 6
         record = reduce_site(model, site)
-        assert record["rank"] == 6 and record["in_features"] == 37
+        assert record.rank == 6 and record.in_features == 37
         for path in producers:
             assert linear_shape(model.get_submodule(path))[1] == 6
         assert linear_shape(model.get_submodule(consumer))[0] == 6
@@ -59,7 +60,7 @@ class TestFFNSelection:
         site = report["encoder.layer.0.output.dense"]
         site.rank = 9
         record = reduce_site(model, site, ffn_method="project")
-        assert record["ffn_method"] == "project"
+        assert record.ffn_method == "project"
         assert model.get_submodule("encoder.layer.0.intermediate.dense").out_features == 9
         assert model.get_submodule("encoder.layer.0.output.dense").in_features == 9
 
@@ -103,7 +104,7 @@ class TestLowRankLinear:
         record = reduce_site(model, site)
         assert isinstance(model.layers[0], LowRankLinear) and model.layers[0].rank == 3
         # The mean correction lands in a bias, also for a bias-free layer: recorded so reload rebuilds it.
-        assert record["bias"] is True
+        assert record.bias is True
         with torch.no_grad():
             assert torch.allclose(model(fresh), reference, atol=1e-4)
 
@@ -128,10 +129,11 @@ class TestApplyStructure:
 
     def test_record_for_wrong_base_width_raises(self):
         fresh = tiny_model("bert")
-        record = {"kind": "linear", "in_features": 64, "out_features": 32, "rank": 4}
+        record = LinearRecord(in_features=64, out_features=32, rank=4)
         with pytest.raises(ValueError, match="encoder.layer.0.attention.self.query.*in=64.*in=32"):
             apply_structure(fresh, {"encoder.layer.0.attention.self.query": record})
 
     def test_record_for_missing_module_raises(self):
         with pytest.raises(ValueError, match="does not exist"):
-            apply_structure(tiny_model("bert"), {"encoder.layer.9.output.dense": {"kind": "linear"}})
+            record = LinearRecord(in_features=37, out_features=32, rank=4)
+            apply_structure(tiny_model("bert"), {"encoder.layer.9.output.dense": record})

@@ -16,12 +16,13 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from results_io import machine_line, write_results
 from transformers import AutoModel, AutoTokenizer, HfArgumentParser
 
 from hf_rmtkd.analysis import SpectralOptions, SpectralReport, analyze_statistics
 from hf_rmtkd.calibration import collect_statistics
-from hf_rmtkd.compression import apply_report, to_rmtkd
+from hf_rmtkd.compression import to_rmtkd
+from hf_rmtkd.pipeline import apply_report
+from hf_rmtkd.reporting import machine_line, write_results
 from hf_rmtkd.sites import find_sites
 
 

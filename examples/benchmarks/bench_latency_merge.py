@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 from peers import flops, parameter_counts
-from results_io import machine_line, write_results
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
 
 import hf_rmtkd  # noqa: F401  (registers the RMTKD classes)
 from hf_rmtkd.latency import optimize_for_latency
+from hf_rmtkd.reporting import machine_line, write_results
 
 
 @dataclass

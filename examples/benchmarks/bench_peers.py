@@ -44,14 +44,14 @@ from pathlib import Path
 
 import torch
 from peers import drop_layers, flops, parameter_counts, pca_energy, svd_like
-from results_io import machine_line, open_store, write_results
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.calibration import calibration_subset
 from hf_rmtkd.latency import time_forward_ms
 from hf_rmtkd.model_card import model_size_mb
-from hf_rmtkd.trainer import calibration_subset
+from hf_rmtkd.reporting import machine_line, open_store, write_results
 
 
 METHODS = (
@@ -194,7 +194,7 @@ def run_method(method: str, teacher, task, bench: BenchArguments, args, rows: di
         trainer.train()
         trainer.save_model()
         model = trainer.model
-        detail["ranks"] = {n: r["rank"] for n, r in model.config.reduced_modules.items()}
+        detail["ranks"] = model.config.ranks()
     elif method == "svd":
         reference = task.load_rmtkd(out / "rmtkd")
         model, detail["ranks"] = svd_like(teacher, reference.config.reduced_modules, reference.model)

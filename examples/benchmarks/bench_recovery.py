@@ -39,15 +39,15 @@ from pathlib import Path
 
 import torch
 from bench_peers import calibration_loader, measure, trainable
-from results_io import machine_line, open_store, write_results
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
-from hf_rmtkd.analysis import SpectralOptions, SpectralReport, analyze_sites
-from hf_rmtkd.compression import apply_report, to_rmtkd
-from hf_rmtkd.hidden import reduce_hidden
+from hf_rmtkd.analysis import SpectralReport, analyze_sites
+from hf_rmtkd.compression import to_rmtkd
+from hf_rmtkd.pipeline import apply_report, reduce_hidden
+from hf_rmtkd.reporting import machine_line, open_store, write_results
 from hf_rmtkd.sites import select_sites
 
 
@@ -139,7 +139,7 @@ def dense_student(teacher, task, args, width: int, target_params: int):
     """The `dense_student` baseline before distillation (see the module text) and its FFN width."""
     model = to_rmtkd(trainable(copy.deepcopy(teacher)))
     calibration = calibration_loader(task, args)
-    options = SpectralOptions(**args.spectral_options())
+    options = args.spectral_options()
     reduce_hidden(model, calibration, options, progress=False, width=width)
     sites = [site for site in select_sites(model.model, None) if site.kind == "ffn"]
     report = analyze_sites(model.model, calibration, sites, options, progress=False)
@@ -200,7 +200,7 @@ def run_recipe(name: str, seed: int, teacher, task, args) -> tuple[torch.nn.Modu
         "minutes": (time.perf_counter() - began) / 60,
         "train_steps": result.global_step,
         "hidden_size": model.model.config.hidden_size,
-        "ranks": {n: r["rank"] for n, r in model.config.reduced_modules.items()},
+        "ranks": model.config.ranks(),
         "losses": {k: v for k, v in trainer.state.log_history[-2].items() if k.endswith("loss")},
     }
     return model, detail

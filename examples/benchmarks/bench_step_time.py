@@ -19,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from results_io import machine_line, write_results
 from tasks import read_sst2_rows
 from transformers import (
     AutoModelForSequenceClassification,
@@ -32,6 +31,7 @@ from transformers import (
 )
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.reporting import machine_line, write_results
 
 
 VARIANTS = {

@@ -23,12 +23,12 @@ from pathlib import Path
 import torch
 import transformers
 from datasets import Dataset
-from results_io import accuracy, machine_line, write_results
 from tasks import read_sst2_rows
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser, Trainer, TrainerCallback
 
 import hf_rmtkd
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.reporting import accuracy, machine_line, write_results
 
 
 @dataclass
@@ -199,7 +199,7 @@ def main(bench: BenchArguments) -> None:
         "",
     ]
     for name, record in trainer.model.config.reduced_modules.items():
-        lines.append(f"- `{name}` ({record['kind']}): {record['dim']} -> {record['rank']}")
+        lines.append(f"- `{name}` ({record.kind}): {record.dim} -> {record.rank}")
     write_results(bench.output, lines)
 
 

@@ -24,7 +24,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from hf_rmtkd.analysis import SpectralOptions, analyze_sites
-from hf_rmtkd.compression import apply_report, to_rmtkd
+from hf_rmtkd.compression import to_rmtkd
+from hf_rmtkd.pipeline import apply_report
 from hf_rmtkd.sites import select_sites
 
 
@@ -81,7 +82,7 @@ def svd_like(teacher: nn.Module, reduced_modules: dict[str, dict], compressed: n
     """
     model, ranks = copy.deepcopy(teacher), {}
     for name, record in reduced_modules.items():
-        paths = list(record.get("producers", [])) + [name]
+        paths = list(getattr(record, "producers", [])) + [name]
         budget = sum(p.numel() for path in paths for p in compressed.get_submodule(path).parameters())
         layers = _factorable(model, paths)
         fixed = sum(p.numel() for path in paths if path not in layers for p in model.get_submodule(path).parameters())

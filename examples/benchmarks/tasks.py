@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +17,7 @@ from transformers import (
     default_data_collator,
 )
 
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from results_io import accuracy  # noqa: E402
+from hf_rmtkd.reporting import accuracy
 
 
 @dataclass

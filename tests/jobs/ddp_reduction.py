@@ -60,7 +60,7 @@ def main(out: Path) -> None:
     trainer.create_model_card(model_name="ddp-job")
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-    ranks = {name: record["rank"] for name, record in trainer.model.config.reduced_modules.items()}
+    ranks = {name: record.rank for name, record in trainer.model.config.reduced_modules.items()}
     weights = {k: v.detach().cpu() for k, v in trainer.model.state_dict().items()}
     torch.save(weights, out / f"weights_world{world}_rank{rank}.pt")
     (out / f"ranks_world{world}_rank{rank}.json").write_text(

@@ -32,8 +32,10 @@ import math
 import torch
 from torch import nn
 
-from .calibration import ActivationStatistics, flatten_samples, run_calibration, sum_across_processes
-from .hidden_rebuild import float64_state, rebuild
+from ..calibration import ActivationStatistics, flatten_samples, run_calibration, sum_across_processes
+from ..kept_basis import StreamMap
+from .family import HiddenFamily, SliceResult, register_family, top_directions
+from .rebuild import float64_state, rebuild
 
 
 # Paths inside one encoder layer: query, key, value, attention output, norm 1, FFN in, FFN out, norm 2.
@@ -298,3 +300,22 @@ def slice_encoder(
         _select_units(state, layout.tanh_block, stats[layout.states[-1]], q, k)
     overrides = {"hidden_size": k}
     return rebuild(model, overrides, state), overrides
+
+
+class EncoderFamily(HiddenFamily):
+    """Post-LN encoders (BERT, RoBERTa, MPNet): approximated, the norms fitted on a second pass over the data."""
+
+    name = "post-LN encoder"
+    model_types = tuple(ENCODER_FAMILIES)
+    exact = False
+
+    def states(self, model: nn.Module) -> list[str]:
+        return EncoderLayout(model).states
+
+    def slice(self, model, report, width, states, calibration_data, options, progress) -> SliceResult:
+        top = top_directions(report, width)
+        new, overrides = slice_encoder(model, top, states, calibration_data, options.max_samples, progress)
+        return SliceResult(new, overrides, StreamMap(encoder_basis(top), compare_final=True))
+
+
+register_family(EncoderFamily())

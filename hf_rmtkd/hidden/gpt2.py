@@ -22,50 +22,31 @@ reload. `n_inner` is set explicitly and the embeddings are untied from the head.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch import nn
-from transformers.models.gpt2.modeling_gpt2 import GPT2Attention
-from transformers.pytorch_utils import Conv1D
 
-from .hidden_rebuild import float64_state, rebuild
+from ..analysis import SiteReport, SpectralOptions, analyze_statistics, round_rank
+from ..calibration import ActivationStatistics
+from ..hidden_reload import gpt2_base, widen_attention
+from ..kept_basis import StreamMap
+from ..records import HIDDEN_SITE
+from ..sites import Site
+from .encoder import align_mean_direction
+from .family import HiddenFamily, SliceResult, register_family
+from .rebuild import float64_state, rebuild
 
 
-GPT2_FAMILIES = ("gpt2",)
 HEAD_NAMES = ("lm_head", "score", "classifier")
 SUPPORTED_CLASSES = ("GPT2Model", "GPT2LMHeadModel", "GPT2ForSequenceClassification", "GPT2ForTokenClassification")
 
 
-def _base(model: nn.Module) -> tuple[str, nn.Module]:
-    base = getattr(model, "transformer", model)
-    if getattr(base.config, "add_cross_attention", False):
-        raise TypeError("The hidden-width site does not support GPT-2 with cross-attention.")
-    return ("transformer." if base is not model else ""), base
-
-
 def gpt2_states(model: nn.Module) -> list[str]:
     """The residual-stream states of a GPT-2 model: the input of every block and of the final LayerNorm."""
-    dot, base = _base(model)
+    dot, base = gpt2_base(model)
     return [f"{dot}h.{i}" for i in range(len(base.h))] + [f"{dot}ln_f"]
-
-
-def widen_attention(model: nn.Module, attention_width: int) -> None:
-    """Rebuild every block's attention at `attention_width` (its original `n_embd`) reading and writing the model's
-    narrower stream: `c_attn` `(n_embd -> 3 * attention_width)`, `c_proj` `(attention_width -> n_embd)`. Weights are
-    left unset (they are loaded next)."""
-    _, base = _base(model)
-    config = base.config
-    wide = config.__class__.from_dict({**config.to_dict(), "n_embd": attention_width})
-    for i, block in enumerate(base.h):
-        old = block.attn
-        factory = {"device": old.c_attn.weight.device, "dtype": old.c_attn.weight.dtype}
-        attention = GPT2Attention(wide, layer_idx=i)
-        # Share the model's config so set_attn_implementation and friends still reach this module.
-        attention.config = old.config
-        attention.c_attn = Conv1D(3 * attention_width, config.n_embd)
-        attention.c_proj = Conv1D(config.n_embd, attention_width)
-        block.attn = attention.to(**factory).train(old.training)
 
 
 @torch.no_grad()
@@ -81,7 +62,7 @@ def slice_gpt2(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict]:
         The new model (same device and dtype, train/eval mode kept) and the config overrides that rebuild it (with
         [`widen_attention`] at the old width `d`).
     """
-    dot, base = _base(model)
+    dot, base = gpt2_base(model)
     config = model.config
     d, w = basis.shape
     if w % config.n_head:
@@ -132,3 +113,57 @@ def slice_gpt2(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict]:
             state[f"{dot}ln_f.bias"] = torch.ones(w, dtype=q.dtype)
         state[f"{name}.weight"] = new_weight
     return rebuild(model, overrides, state, prepare=lambda new: widen_attention(new, attention_width)), overrides
+
+
+def centred_statistics(stats: ActivationStatistics) -> ActivationStatistics:
+    """Statistics of `C x`, `C = I - 1 1^T / d`: the stream once GPT-2's writers are centred (see the module text)."""
+    centring = torch.eye(stats.dim, dtype=stats.sum_outer.dtype) - 1.0 / stats.dim
+    return ActivationStatistics(centring @ stats.sum_outer @ centring, centring @ stats.sum, stats.count)
+
+
+def analyze_gpt2(stats: ActivationStatistics, heads: int, options: SpectralOptions) -> SiteReport:
+    """MP analysis of GPT-2's centred stream. `rank` is the new width: the MP count plus one for the mean direction,
+    rounded up to a multiple of `heads` and `options.rank_multiple` (GPT-2 requires `n_embd % n_head == 0`)."""
+    site = Site(HIDDEN_SITE, "hidden", stats.dim)
+    report = analyze_statistics(
+        site, centred_statistics(stats), dataclasses.replace(options, centered=False, rank_multiple=1)
+    )
+    width = round_rank(report.rank + 1, report.dim, math.lcm(options.rank_multiple, heads))
+    total = float(report.eigenvalues.sum())
+    retained = float(report.eigenvalues[: width - 1].sum()) / total if total > 0 else 1.0
+    return dataclasses.replace(report, rank=width, retained_variance=retained)
+
+
+def mean_aligned_basis(eigenvectors: torch.Tensor, width: int) -> torch.Tensor:
+    """The basis GPT-2 is sliced with, shape `(d, width)`: the `width - 1` leading `eigenvectors` (shape `(d, d)`,
+    columns) made orthogonal to `1_d`, plus `1_d / sqrt(d)`, reflected so that `1_d` maps onto the direction of
+    `1_width` (see the module text)."""
+    d = eigenvectors.shape[0]
+    ones = torch.full((d, 1), 1.0 / math.sqrt(d), dtype=eigenvectors.dtype)
+    top = eigenvectors[:, : width - 1]
+    top, _ = torch.linalg.qr(top - ones @ (ones.T @ top))
+    return align_mean_direction(torch.cat([top, ones], dim=1))
+
+
+class GPT2Family(HiddenFamily):
+    """GPT-2 (LayerNorm pre-norm decoder): writers centred, the all-ones direction kept, attention width kept."""
+
+    name = "gpt2"
+    model_types = ("gpt2",)
+
+    def states(self, model: nn.Module) -> list[str]:
+        return gpt2_states(model)
+
+    def analyze(self, pooled: ActivationStatistics, model: nn.Module, options: SpectralOptions) -> SiteReport:
+        return analyze_gpt2(pooled, model.config.num_attention_heads, options)
+
+    def slice(self, model, report, width, states, calibration_data, options, progress) -> SliceResult:
+        # `width` - 1 MP directions and the all-ones direction (see `analyze_gpt2`).
+        basis = mean_aligned_basis(report.eigenvectors, width)
+        new, overrides = slice_gpt2(model, basis)
+        # The student's stream is the centred teacher stream, projected.
+        stream_map = StreamMap(basis - basis.mean(dim=0, keepdim=True), compare_final=False)
+        return SliceResult(new, overrides, stream_map, {"attention_width": report.dim})
+
+
+register_family(GPT2Family())

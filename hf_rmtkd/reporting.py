@@ -1,4 +1,5 @@
-"""Shared by the example and benchmark scripts: the accuracy metric, the machine line and writing a results file."""
+"""Helpers for example and benchmark scripts: the accuracy metric, the machine line, results files and the resumable
+JSON store of benchmark rows."""
 
 from __future__ import annotations
 
@@ -10,7 +11,11 @@ import numpy as np
 import torch
 import transformers
 
-import hf_rmtkd
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
 
 
 def accuracy(prediction) -> dict:
@@ -24,7 +29,7 @@ def machine_line() -> str:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     return (
         f"Machine: {platform.machine()}, {torch.get_num_threads()} CPU threads, {gpu}. Versions: torch {torch.__version__}, "
-        f"transformers {transformers.__version__}, hf_rmtkd {hf_rmtkd.__version__}, Python {platform.python_version()}."
+        f"transformers {transformers.__version__}, hf_rmtkd {_version()}, Python {platform.python_version()}."
     )
 
 

@@ -1,0 +1,106 @@
+"""Hidden width of pre-norm RMSNorm decoders (Llama, Mistral, Qwen2): exact up to the dropped directions.
+
+The residual stream `x` (width `d`) is observed at the input of every decoder layer and of the final norm; the MP
+rule on its pooled, uncentred covariance gives `k`, and the top-`k` eigenvectors `Q` (`d x k`, orthonormal columns)
+define the new stream `z = Q^T x`. Everything that writes to the stream (token embeddings, attention output and MLP
+down projections) is multiplied by `Q^T` on the left; everything that reads it through an RMSNorm (attention
+Q/K/V, MLP gate/up, the head) absorbs the norm's weight and `Q` on the right. RMSNorm is rotation-invariant up to
+its width: `z / rms_k(z)` equals `sqrt(d/k) Q^T x / rms_d(x)` when `rms_k` uses `eps * d / k`, so the new norms get
+weight 1 and `eps * d / k`, and the readers a factor `sqrt(d/k)`. With `k = d` the model is the same function (a
+rotation of its stream); with `k < d` the only change is the dropped directions (SliceGPT with one `Q` shared by
+all layers). The head dimension is kept (`head_dim` set explicitly), the embeddings are untied from the head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..kept_basis import StreamMap
+from .family import HiddenFamily, SliceResult, register_family, top_directions
+from .rebuild import float64_state, rebuild
+
+
+def _parts(model: nn.Module):
+    prefix = model.base_model_prefix
+    base = getattr(model, prefix, model)
+    if not hasattr(base, "layers") or not hasattr(base, "norm"):
+        raise TypeError(f"{type(model).__name__} does not have a Llama-family decoder layout (`layers`, `norm`).")
+    head = next(
+        (getattr(model, n) for n in ("lm_head", "score") if isinstance(getattr(model, n, None), nn.Linear)), None
+    )
+    return prefix if base is not model else "", base, head
+
+
+@torch.no_grad()
+def slice_hidden(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict]:
+    """A new model of the same class whose residual stream is `basis^T x`.
+
+    Args:
+        model: a Llama-family model (`...ForCausalLM`, `...ForSequenceClassification` or the base model).
+        basis (`torch.Tensor` of shape `(d, k)`): orthonormal columns spanning the kept directions.
+
+    Returns:
+        The new model (same device and dtype, eval/train mode kept) and the config overrides that rebuild it.
+    """
+    prefix, base, head = _parts(model)
+    config = model.config
+    d, k = basis.shape
+    scale = math.sqrt(d / k)
+    q = basis.to(torch.float64).cpu()
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    overrides = {
+        "hidden_size": k,
+        "head_dim": head_dim,
+        "rms_norm_eps": config.rms_norm_eps * d / k,
+        "tie_word_embeddings": False,
+    }
+    state = float64_state(model)
+    dot = f"{prefix}." if prefix else ""
+
+    def writer(name):  # rows of a module that writes into the stream: W (d, *) -> Q^T W (k, *)
+        state[name] = q.T @ state[name]
+
+    def reader(name, norm):  # W (*, d) reading RMSNorm(x) with weight g -> W diag(g) Q * sqrt(d / k)
+        state[name] = (state[name] * state[norm][None, :]) @ q * scale
+
+    state[f"{dot}embed_tokens.weight"] = state[f"{dot}embed_tokens.weight"] @ q
+    for i in range(len(base.layers)):
+        layer = f"{dot}layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj"):
+            reader(f"{layer}self_attn.{proj}.weight", f"{layer}input_layernorm.weight")
+        for proj in ("gate_proj", "up_proj"):
+            reader(f"{layer}mlp.{proj}.weight", f"{layer}post_attention_layernorm.weight")
+        for name in (f"{layer}self_attn.o_proj", f"{layer}mlp.down_proj"):
+            writer(f"{name}.weight")
+            if f"{name}.bias" in state:
+                state[f"{name}.bias"] = q.T @ state[f"{name}.bias"]
+        for norm in ("input_layernorm", "post_attention_layernorm"):
+            state[f"{layer}{norm}.weight"] = torch.ones(k, dtype=torch.float64)
+    if head is not None:
+        head_name = next(n for n, m in model.named_modules() if m is head)
+        reader(f"{head_name}.weight", f"{dot}norm.weight")
+    state[f"{dot}norm.weight"] = torch.ones(k, dtype=torch.float64)
+    return rebuild(model, overrides, state), overrides
+
+
+class LlamaFamily(HiddenFamily):
+    """Pre-norm RMSNorm decoders: `...ForCausalLM`, `...ForSequenceClassification` or the base model."""
+
+    name = "llama"
+    model_types = ("llama", "mistral", "qwen2")
+
+    def states(self, model: nn.Module) -> list[str]:
+        prefix, base, _ = _parts(model)
+        dot = f"{prefix}." if prefix else ""
+        return [f"{dot}layers.{i}" for i in range(len(base.layers))] + [f"{dot}norm"]
+
+    def slice(self, model, report, width, states, calibration_data, options, progress) -> SliceResult:
+        top = top_directions(report, width)
+        new, overrides = slice_hidden(model, top)
+        return SliceResult(new, overrides, StreamMap(top, compare_final=False))
+
+
+register_family(LlamaFamily())
