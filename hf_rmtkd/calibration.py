@@ -271,8 +271,26 @@ def _fingerprint_update(digest, batch) -> None:
             digest.update(value.detach().cpu().contiguous().numpy().tobytes())
 
 
-def run_calibration(model: nn.Module, calibration_data: Iterable, collector, progress: bool = True) -> str:
+def _token_count(batch) -> int:
+    """Tokens in a batch (attention-mask sum, else `input_ids` elements), or samples for a tensor batch."""
+    if isinstance(batch, Mapping):
+        for key in ("attention_mask", "input_ids", "pixel_values"):
+            value = batch.get(key)
+            if isinstance(value, torch.Tensor):
+                return (
+                    int(value.sum())
+                    if key == "attention_mask"
+                    else (value.numel() if key == "input_ids" else len(value))
+                )
+        return 1
+    return len(batch) if isinstance(batch, torch.Tensor) else 1
+
+
+def run_calibration(model: nn.Module, calibration_data: Iterable, collector, progress: bool | tqdm = True) -> str:
     """Run `model` over `calibration_data` without gradients, in eval mode, feeding a hook-based `collector`.
+
+    `progress` is a flag (a bar for this pass) or a `tqdm` bar to advance by tokens (one bar for a whole reduction,
+    see [`hf_rmtkd.pipeline`]).
 
     The collector's `mask` is set to each batch's `attention_mask` (or `None`) before the forward, `end_batch()` is
     called after it, the loop stops early when `full()` is true, and `remove()` is always called at the end.
@@ -292,9 +310,14 @@ def run_calibration(model: nn.Module, calibration_data: Iterable, collector, pro
         or torch.distributed.get_rank() == 0
     )
     batches = 0
+    shared = progress if isinstance(progress, tqdm) else None
+    if shared is None:
+        bar = tqdm(desc="calibration", unit="tok", disable=not (progress and is_main), leave=False)
+    else:
+        bar = shared
     try:
         with torch.no_grad():
-            for batch in tqdm(calibration_data, desc="calibration", disable=not (progress and is_main), leave=False):
+            for batch in calibration_data:
                 check_batch(batch)
                 _fingerprint_update(digest, batch)
                 if isinstance(batch, Mapping):
@@ -308,11 +331,14 @@ def run_calibration(model: nn.Module, calibration_data: Iterable, collector, pro
                     model(batch.to(device))
                 collector.end_batch()
                 batches += 1
+                bar.update(_token_count(batch))
                 if collector.full():
                     break
     finally:
         collector.remove()
         model.train(was_training)
+        if shared is None:
+            bar.close()
     if batches == 0:
         raise ValueError("`calibration_data` is empty: at least one batch is needed to estimate activation spectra.")
     return digest.hexdigest()
@@ -334,7 +360,8 @@ def collect_statistics(
             `model(batch)`). Keys the model does not accept, such as `labels`, are dropped.
         module_names (`list[str]`): modules whose inputs are observed.
         max_samples (`int`, *optional*): cap on samples per module.
-        progress (`bool`, *optional*, defaults to `True`): show a tqdm bar (main process only).
+        progress (`bool` or `tqdm`, *optional*, defaults to `True`): show a tqdm bar (main process only), or advance
+            this one.
 
     Returns:
         `(statistics, fingerprint)`: statistics per module (summed over processes when distributed) and the sha256

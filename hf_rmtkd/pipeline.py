@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .analysis import SiteReport, SpectralOptions, SpectralReport, analyze_sites
 from .hidden import plan_hidden
@@ -90,6 +91,12 @@ class ReductionResult:
             f"RMT-KD reduction: {len(self.records)} of {len(self.report)} sites reduced, parameters "
             f"{self.params_before:,} -> {self.params_after:,} ({share:.1%} fewer), {self.seconds:.1f} s"
         )
+
+
+def _shows_progress(progress: bool) -> bool:
+    """A bar only where asked, and on the main process only."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return bool(progress) and (not distributed or torch.distributed.get_rank() == 0)
 
 
 def _site_error(name: str, error: Exception) -> Exception:
@@ -183,6 +190,8 @@ def reduce_model(
     saved = (model.model, dict(config.reduced_modules), config.hidden_width, dict(config.calibration))
     saved_maps, saved_spectra = list(stream_maps(model)), dict(model.__dict__.get("rmtkd_spectra", {}))
     replaced: list[tuple[str, nn.Module]] = []
+    # One bar for the whole reduction (every calibration pass advances it by tokens), never one per pass.
+    bar = tqdm(desc="RMT-KD reduction", unit="tok", disable=not _shows_progress(progress), leave=False)
     params_before = model.num_parameters()
     sites: dict[str, SiteReport] = {}
     result = ReductionResult(SpectralReport({}, options, ""), params_before=params_before)
@@ -195,12 +204,13 @@ def reduce_model(
                 )
             if iter(calibration_data) is calibration_data:
                 calibration_data = list(calibration_data)  # a one-shot iterator; iterated more than once below
+            bar.set_description("RMT-KD reduction: hidden width")
             step = plan_hidden(
                 model.model,
                 config.hidden_width,
                 calibration_data,
                 options,
-                progress,
+                bar,
                 plan.hidden_steps_left,
                 plan.relaxation,
                 plan.hidden_width,
@@ -213,9 +223,9 @@ def reduce_model(
                 result.records[HIDDEN_SITE] = step.record
         chosen = select_sites(model.model, plan.target_modules)
         if chosen:
-            report = relax_report(
-                analyze_sites(model.model, calibration_data, chosen, options, progress), plan.relaxation
-            )
+            bar.set_description(f"RMT-KD reduction: {len(chosen)} sites")
+            analysed = analyze_sites(model.model, calibration_data, chosen, options, bar, plan.ffn_method)
+            report = relax_report(analysed, plan.relaxation)
             result.records.update(apply_report(model, report, plan.ffn_method, replaced=replaced))
             sites.update(report)
             result.fingerprint = result.fingerprint or report.fingerprint
@@ -230,6 +240,8 @@ def reduce_model(
         model.__dict__["rmtkd_stream_maps"] = saved_maps
         model.__dict__["rmtkd_spectra"] = saved_spectra
         raise
+    finally:
+        bar.close()
     result.report = SpectralReport(sites, options, result.fingerprint)
     result.params_after = model.num_parameters()
     result.seconds = time.perf_counter() - began

@@ -169,3 +169,20 @@ def test_model_level_budget_search_meets_the_drop_with_the_loosest_budget_tried(
     assert best.relative_drop <= 0.001 and compressed.num_parameters() == best.parameters
     assert all(t.relative_drop > 0.001 for t in tries if not t.accepted)
     assert compressed.num_parameters() < model.num_parameters()
+
+
+def test_the_budget_follows_the_ffn_surgery_that_runs():
+    site = "encoder.layer.0.output.dense"
+    analysed = hf_rmtkd.analyze(tiny_model("bert"), tiny_batches("bert"), [site], progress=False)[site]
+    weight = tiny_model("bert").get_submodule(site).weight.detach()
+    expected = {
+        "project": projection_errors(weight, analysed.eigenvalues, analysed.eigenvectors),
+        "select": selection_errors(weight, analysed.statistics.covariance(True)),
+    }
+    for method, errors in expected.items():
+        compressed = hf_rmtkd.compress(
+            tiny_model("bert"), tiny_batches("bert"), [site], ffn_method=method, progress=False, max_output_error=0.05
+        )
+        record = compressed.config.reduced_modules[site]
+        assert record.ffn_method == method and record.output_error == pytest.approx(float(errors[record.rank]))
+    assert not torch.allclose(expected["project"], expected["select"])

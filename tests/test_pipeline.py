@@ -183,3 +183,22 @@ class TestPlan:
     def test_bad_values_raise(self, values, match):
         with pytest.raises(ValueError, match=match):
             ReductionPlan(**values)
+
+
+def test_one_progress_bar_per_reduction_and_none_when_silenced(capsys):
+    model, _ = planted_llama()
+    batches = [{"input_ids": token_ids(seed)} for seed in range(8)]
+    hf_rmtkd.compress(model, batches, hidden_width=True, progress=True)
+    bars = capsys.readouterr().err
+    # Two calibration passes (hidden width, then the sites), one bar: a single description prefix, counted in tokens.
+    assert "RMT-KD reduction" in bars and "calibration" not in bars and "tok" in bars
+    model, _ = planted_llama()
+    hf_rmtkd.compress(model, batches, hidden_width=True, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_one_line_summary_per_reduction_is_logged(caplog):
+    caplog.set_level("INFO", logger="hf_rmtkd.pipeline")
+    compressed = hf_rmtkd.compress(tiny_classifier(), [{"input_ids": token_ids(s)} for s in range(4)], progress=False)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "hf_rmtkd.pipeline"]
+    assert f"{len(compressed.config.reduced_modules)} of" in line and "parameters" in line and "fewer" in line

@@ -8,19 +8,11 @@ import torch
 import transformers as tf
 from conftest import REPO_ROOT, tiny_config
 from datasets import Dataset
-
-
-WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "the", "film", "was", "a", "plot", "cast"]
+from testing_utils import WORDS, word_tokenizer
 
 
 def _blocks() -> list[str]:
     return re.findall(r"```python\n(.*?)```", (REPO_ROOT / "README.md").read_text(), flags=re.S)
-
-
-def _tokenizer(folder):
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
-    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
 
 
 def _sentences(n, seed):
@@ -45,7 +37,7 @@ def _user_model(folder):
     config = tiny_config("bert", num_labels=2)
     config.vocab_size = len(WORDS) + 5
     model = tf.BertForSequenceClassification(config)
-    tokenizer = _tokenizer(folder)
+    tokenizer = word_tokenizer(folder)
     train = _dataset(tokenizer, 256, 0)
     args = tf.TrainingArguments(str(folder / "ft"), num_train_epochs=3, learning_rate=3e-3, report_to=[],
                                 use_cpu=True, disable_tqdm=True, save_strategy="no")  # fmt: skip

@@ -10,6 +10,16 @@ from datasets import Dataset
 from hf_rmtkd import RMTKDTrainingArguments
 
 
+WORDS = ["good", "great", "fine", "fun", "bad", "awful", "dull", "poor", "the", "film", "was", "a", "plot", "cast"]
+
+
+def word_tokenizer(folder):
+    """A real BERT WordPiece tokenizer over `WORDS`, its vocabulary written into `folder`."""
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    return tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+
+
 def tiny_classifier(seed=0, dropout=0.0):
     """A tiny random BERT sequence classifier with 2 labels."""
     config = tiny_config("bert", num_labels=2)

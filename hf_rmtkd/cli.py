@@ -1,0 +1,212 @@
+"""`rmtkd`: the command line.
+
+    rmtkd analyze MODEL --data FILE [--plots DIR] [spectral options]
+    rmtkd compress MODEL --data FILE --output DIR [--hidden_width] [--target_modules a b] [--max_output_error 0.05]
+    rmtkd push DIR REPO_ID [--private]
+
+Arguments come from the same dataclasses as the Python API ([`SpectralOptions`] for every spectral option), parsed by
+`transformers.HfArgumentParser`; `rmtkd <command> --help` lists them. Text data: CSV, TSV, JSON lines or plain text
+files, or a `datasets` folder written by `save_to_disk`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
+
+from .analysis import SpectralOptions, analyze
+from .compression import compress
+
+
+logger = logging.getLogger(__name__)
+COMMANDS = ("analyze", "compress", "push")
+# The Auto class of a checkpoint, from the suffix of its architecture's name.
+_TASK_CLASSES = {
+    "ForSequenceClassification": "AutoModelForSequenceClassification",
+    "ForTokenClassification": "AutoModelForTokenClassification",
+    "ForCausalLM": "AutoModelForCausalLM",
+    "LMHeadModel": "AutoModelForCausalLM",
+    "ForImageClassification": "AutoModelForImageClassification",
+}
+
+
+@dataclass
+class DataArguments:
+    """Where the calibration text comes from and how it is batched."""
+
+    data: str = field(metadata={"help": "CSV, TSV, JSON lines (.jsonl/.json) or text file, or a datasets folder."})
+    text_column: str | None = field(
+        default=None,
+        metadata={"help": "Column holding the text; default 'text', 'sentence', or the first string column."},
+    )
+    samples: int = field(default=512, metadata={"help": "Rows used for calibration (the first ones), >= 1."})
+    max_length: int = field(default=128, metadata={"help": "Tokens per row (longer rows are truncated), >= 2."})
+    batch_size: int = field(default=16, metadata={"help": "Rows per forward pass, >= 1."})
+
+    def __post_init__(self):
+        for name, low in (("samples", 1), ("max_length", 2), ("batch_size", 1)):
+            if getattr(self, name) < low:
+                raise ValueError(f"`{name}` must be >= {low}, got {getattr(self, name)}.")
+        if not Path(self.data).exists():
+            raise ValueError(f"`data` {self.data!r} does not exist.")
+
+
+@dataclass
+class AnalyzeArguments:
+    plots: str | None = field(default=None, metadata={"help": "Folder for one spectrum PNG per site."})
+    target_modules: list[str] | None = field(default=None, metadata={"help": "Site name suffixes; default all."})
+
+
+@dataclass
+class CompressArguments:
+    output: str = field(metadata={"help": "Folder the compressed checkpoint (and tokenizer) is written to."})
+    hidden_width: bool = field(default=False, metadata={"help": "Also reduce the width of the residual stream."})
+    target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Site name suffixes; default all; pass 'none' for the hidden width only."}
+    )
+    ffn_method: str = field(default="select", metadata={"help": "FFN surgery: 'select' or 'project'."})
+
+
+def read_texts(args: DataArguments) -> list[str]:
+    """The first `args.samples` texts of `args.data` (see [`DataArguments`])."""
+    import datasets
+
+    path = Path(args.data)
+    if path.is_dir():
+        dataset = datasets.load_from_disk(str(path))
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[next(iter(dataset))]
+    else:
+        suffix = path.suffix.lower()
+        builder, extra = {
+            ".csv": ("csv", {}),
+            ".tsv": ("csv", {"delimiter": "\t"}),
+            ".jsonl": ("json", {}),
+            ".json": ("json", {}),
+            ".txt": ("text", {}),
+        }.get(suffix, (None, {}))
+        if builder is None:
+            raise ValueError(
+                f"`data` {args.data!r}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .txt."
+            )
+        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
+    columns = dataset.column_names
+    column = args.text_column or next(
+        (c for c in ("text", "sentence") if c in columns),
+        next((c for c in columns if dataset.features[c].dtype == "string"), None),
+    )
+    if column not in columns:
+        raise ValueError(f"`text_column` {column!r} is not among the data's columns {columns}.")
+    texts = [t for t in dataset.select(range(min(args.samples, len(dataset))))[column] if t]
+    if not texts:
+        raise ValueError(f"`data` {args.data!r} has no text in column {column!r}.")
+    return texts
+
+
+def batches(tokenizer, texts: list[str], args: DataArguments) -> list[dict[str, torch.Tensor]]:
+    """Tokenized calibration batches (padded per batch, with attention masks so padding is left out)."""
+    return [
+        dict(tokenizer(texts[i : i + args.batch_size], padding=True, truncation=True, max_length=args.max_length,
+                       return_tensors="pt"))
+        for i in range(0, len(texts), args.batch_size)
+    ]  # fmt: skip
+
+
+def load_model(name_or_path: str):
+    """The checkpoint with the Auto class of its task (its `architectures`), in eval mode."""
+    import transformers
+
+    config = AutoConfig.from_pretrained(name_or_path)
+    architecture = getattr(config, "base_architecture", None) or (config.architectures or [""])[0]
+    auto = next((a for suffix, a in _TASK_CLASSES.items() if architecture.endswith(suffix)), "AutoModel")
+    return getattr(transformers, auto).from_pretrained(name_or_path).eval()
+
+
+def _calibration(model_path: str, data: DataArguments):
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer, batches(tokenizer, read_texts(data), data)
+
+
+def run_analyze(model_path: str, argv: list[str]) -> None:
+    data, command, options = parser_for("analyze").parse_args_into_dataclasses(argv)
+    model = load_model(model_path)
+    _, calibration = _calibration(model_path, data)
+    report = analyze(model, calibration, command.target_modules, progress=True, **vars(options))
+    print(
+        report.to_pandas()[["module", "kind", "dim", "rank", "sigma2", "lambda_plus", "retained_variance"]].to_string(
+            index=False
+        )
+    )
+    if command.plots:
+        paths = report.plot(command.plots)
+        print(f"{len(paths)} spectrum plots in {command.plots}")
+
+
+def run_compress(model_path: str, argv: list[str]) -> None:
+    data, command, options = parser_for("compress").parse_args_into_dataclasses(argv)
+    model = load_model(model_path)
+    tokenizer, calibration = _calibration(model_path, data)
+    targets = [] if command.target_modules == ["none"] else command.target_modules
+    before = model.num_parameters()
+    compressed = compress(
+        model,
+        calibration,
+        target_modules=targets,
+        ffn_method=command.ffn_method,
+        hidden_width=command.hidden_width,
+        processing_class=tokenizer,
+        **vars(options),
+    )
+    compressed.save_pretrained(command.output)
+    after = compressed.num_parameters()
+    print(f"{len(compressed.config.ranks())} reductions; parameters {before:,} -> {after:,} "
+          f"({1 - after / before:.1%} fewer); written to {command.output}")  # fmt: skip
+
+
+def run_push(folder: str, argv: list[str]) -> None:
+    if not argv or argv[0].startswith("-"):
+        raise SystemExit("usage: rmtkd push DIR REPO_ID [--private]")
+    repo_id, private = argv[0], "--private" in argv[1:]
+    model = load_model(folder)
+    processing = AutoTokenizer.from_pretrained(folder) if (Path(folder) / "tokenizer_config.json").exists() else None
+    model.processing_class = processing
+    commit = model.push_to_hub(repo_id, private=private or None)
+    print(f"pushed {folder} to {repo_id} ({getattr(commit, 'oid', commit)})")
+
+
+def parser_for(command: str) -> HfArgumentParser:
+    """The argument parser of `command` (after its positional argument)."""
+    types = {"analyze": (DataArguments, AnalyzeArguments, SpectralOptions),
+             "compress": (DataArguments, CompressArguments, SpectralOptions)}  # fmt: skip
+    return HfArgumentParser(types[command], prog=f"rmtkd {command} MODEL")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `rmtkd` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        raise SystemExit(f"rmtkd: unknown command {command!r}; one of {COMMANDS} (rmtkd --help).")
+    if command != "push" and rest[:1] in (["-h"], ["--help"]):
+        parser_for(command).print_help()
+        return
+    if not rest or rest[0].startswith("-"):
+        raise SystemExit(
+            f"usage: rmtkd {command} {'DIR REPO_ID' if command == 'push' else 'MODEL'} ... (rmtkd --help)"
+        )
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    {"analyze": run_analyze, "compress": run_compress, "push": run_push}[command](rest[0], rest[1:])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""The `rmtkd` command line, end to end on a tiny BERT with a real tokenizer (Hub calls go to the loopback server)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import transformers as tf
+from conftest import tiny_config
+from datasets import Dataset
+from testing_utils import WORDS, word_tokenizer
+
+import hf_rmtkd  # noqa: F401  (registers the RMTKD Auto classes)
+from hf_rmtkd.cli import main
+
+
+def _sentences(n=96, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, 6)) for _ in range(n)]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("user-model")
+    torch.manual_seed(0)
+    config = tiny_config("bert", num_labels=2)
+    config.vocab_size = len(WORDS) + 5
+    tf.BertForSequenceClassification(config).save_pretrained(folder)
+    word_tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+def _write(folder, kind: str):
+    texts = _sentences()
+    if kind == "csv":
+        path = folder / "data.csv"
+        path.write_text("label,sentence\n" + "".join(f"{i % 2},{t}\n" for i, t in enumerate(texts)))
+    elif kind == "tsv":
+        path = folder / "data.tsv"
+        path.write_text("sentence\tlabel\n" + "".join(f"{t}\t{i % 2}\n" for i, t in enumerate(texts)))
+    elif kind == "jsonl":
+        path = folder / "data.jsonl"
+        path.write_text("".join(json.dumps({"text": t, "id": i}) + "\n" for i, t in enumerate(texts)))
+    elif kind == "txt":
+        path = folder / "data.txt"
+        path.write_text("\n".join(texts) + "\n")
+    else:
+        path = folder / "data-folder"
+        Dataset.from_dict({"sentence": texts}).save_to_disk(str(path))
+    return path
+
+
+def test_analyze_prints_the_report_and_writes_plots(model_dir, tmp_path, capsys):
+    data = _write(tmp_path, "csv")
+    main(["analyze", str(model_dir), "--data", str(data), "--plots", str(tmp_path / "plots"), "--estimator", "mp_fit"])
+    out = capsys.readouterr().out
+    assert "encoder.layer.0.output.dense" in out and "sigma2" in out
+    assert len(list((tmp_path / "plots").glob("*.png"))) >= 2
+
+
+@pytest.mark.parametrize("kind", ["tsv", "jsonl", "txt", "folder"])
+def test_compress_writes_a_checkpoint_that_loads_with_its_tokenizer(model_dir, tmp_path, kind, capsys):
+    data, output = _write(tmp_path, kind), tmp_path / "compressed"
+    main(["compress", str(model_dir), "--data", str(data), "--output", str(output), "--samples", "64"])
+    assert "fewer" in capsys.readouterr().out
+    model = tf.AutoModelForSequenceClassification.from_pretrained(output)
+    assert model.config.reduced_modules and model.config.calibration["n_tokens"] > 0
+    assert model.num_parameters() < tf.AutoModelForSequenceClassification.from_pretrained(model_dir).num_parameters()
+    classify = tf.pipeline("text-classification", model=str(output))
+    assert classify("good film")[0]["label"] in {"LABEL_0", "LABEL_1"}
+
+
+def test_compress_options_reach_the_records(model_dir, tmp_path):
+    data, output = _write(tmp_path, "csv"), tmp_path / "compressed"
+    main(["compress", str(model_dir), "--data", str(data), "--output", str(output), "--hidden_width",
+          "--target_modules", "none", "--max_output_error", "0.2", "--seed", "5"])  # fmt: skip
+    config = tf.AutoConfig.from_pretrained(output)
+    assert config.hidden_width is not None and config.reduced_modules == {}
+    assert config.hidden_width.budget_rank is not None and config.calibration["seed"] == 5
+
+
+def test_push_uploads_a_checkpoint_that_loads_by_id(model_dir, tmp_path, capsys):
+    data, output = _write(tmp_path, "csv"), tmp_path / "compressed"
+    main(["compress", str(model_dir), "--data", str(data), "--output", str(output)])
+    main(["push", str(output), "cli-user/tiny-rmtkd"])
+    assert "pushed" in capsys.readouterr().out
+    reloaded = tf.AutoModelForSequenceClassification.from_pretrained("cli-user/tiny-rmtkd")
+    assert reloaded.config.reduced_modules.keys() == tf.AutoConfig.from_pretrained(output).reduced_modules.keys()
+    assert tf.AutoTokenizer.from_pretrained("cli-user/tiny-rmtkd")("good film").input_ids
+
+
+@pytest.mark.parametrize(
+    "argv,error,match",
+    [
+        (["shrink", "m"], SystemExit, "unknown command 'shrink'"),
+        (["compress", "--data", "x"], SystemExit, "usage: rmtkd compress MODEL"),
+        (["analyze", "{model}", "--data", "{tmp}/missing.csv"], ValueError, "does not exist"),
+        (["analyze", "{model}", "--data", "{tmp}/data.xml"], ValueError, "unsupported file type '.xml'"),
+        (["analyze", "{model}", "--data", "{csv}", "--text_column", "review"], ValueError, "'review' is not among"),
+        (["analyze", "{model}", "--data", "{csv}", "--samples", "0"], ValueError, "`samples` must be >= 1"),
+        (["analyze", "{model}", "--data", "{csv}", "--tau", "2"], ValueError, "`tau` must be in"),
+    ],
+)
+def test_bad_arguments_say_what_is_wrong(model_dir, tmp_path, argv, error, match):
+    csv = _write(tmp_path, "csv")
+    (tmp_path / "data.xml").write_text("<rows/>")
+    argv = [a.format(model=model_dir, tmp=tmp_path, csv=csv) for a in argv]
+    with pytest.raises(error, match=match):
+        main(argv)
+
+
+def test_the_console_script_is_installed():
+    result = subprocess.run([sys.executable, "-m", "hf_rmtkd.cli", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "rmtkd compress MODEL" in result.stdout
+    from importlib.metadata import entry_points
+
+    assert [e.value for e in entry_points(group="console_scripts") if e.name == "rmtkd"] == ["hf_rmtkd.cli:main"]
+
+
+def test_the_readme_commands_run_as_written(model_dir, tmp_path, monkeypatch, capsys):
+    from conftest import REPO_ROOT
+
+    readme = (REPO_ROOT / "README.md").read_text()
+    block = readme.split("### Command line\n\n```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#")[0].split() for line in block.strip().splitlines()]
+    assert [line[:2] for line in lines] == [["rmtkd", "analyze"], ["rmtkd", "compress"], ["rmtkd", "push"]]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "path" / "to").mkdir(parents=True)
+    (tmp_path / "path" / "to" / "model").symlink_to(model_dir)
+    _write(tmp_path, "csv").rename(tmp_path / "sentences.csv")
+    for line in lines:
+        main(line[1:])
+    out = capsys.readouterr().out
+    assert "sigma2" in out and "fewer" in out and "pushed model-rmtkd to user/model-rmtkd" in out
+    assert tf.AutoModelForSequenceClassification.from_pretrained("user/model-rmtkd").config.reduced_modules
