@@ -14,25 +14,21 @@ Every `RMTKDTrainingArguments` field is a flag too (`--distillation_alpha 0.5 --
 
 from __future__ import annotations
 
-import io
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-import pyarrow.parquet as pq
 import torch
-import torch.nn.functional as F
-from PIL import Image
-from tqdm.auto import tqdm
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.example_data import CifarImages, read_split
 from hf_rmtkd.latency import time_forward_ms
 from hf_rmtkd.model_card import model_size_mb
 from hf_rmtkd.models.resnet_cifar import load_original_checkpoint
 from hf_rmtkd.reporting import accuracy, machine_line, write_results
+from hf_rmtkd.training_args import plain_training_args
 
 
 @dataclass
@@ -53,42 +49,6 @@ class DataArguments:
 class ScriptArguments:
     results_file: str | None = field(default=None, metadata={"help": "Markdown file for the before/after table."})
     latency_repeats: int = field(default=30)
-
-
-class CifarImages(torch.utils.data.Dataset):
-    """Decoded images `(n, 3, 32, 32)` uint8 and labels; training items get a random 4-pixel crop and a flip."""
-
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, mean, std, train: bool):
-        self.images, self.labels, self.train = images, labels, train
-        self.mean = torch.tensor(mean).view(3, 1, 1)
-        self.std = torch.tensor(std).view(3, 1, 1)
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, index: int) -> dict:
-        image = self.images[index].float() / 255.0
-        if self.train:
-            dy, dx = torch.randint(0, 9, (2,)).tolist()
-            image = F.pad(image, (4, 4, 4, 4))[:, dy : dy + 32, dx : dx + 32]
-            if torch.rand(()) < 0.5:
-                image = image.flip(-1)
-        return {"pixel_values": (image - self.mean) / self.std, "labels": self.labels[index]}
-
-
-def read_split(path: Path, limit: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    table = pq.read_table(path)
-    order = np.random.default_rng(seed).permutation(table.num_rows)[: limit or table.num_rows]
-    column = "jpeg" if "jpeg" in table.column_names else "image"
-    blobs, labels = table.column(column).to_pylist(), table.column("label").to_numpy()
-    images = np.stack(
-        [np.asarray(Image.open(io.BytesIO(_bytes(blobs[i]))).convert("RGB")) for i in tqdm(order, desc=path.name)]
-    )
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(labels[order]).long()
-
-
-def _bytes(blob) -> bytes:
-    return blob["bytes"] if isinstance(blob, dict) else blob
 
 
 def measure(model, trainer, eval_set, repeats: int) -> dict:
@@ -117,7 +77,7 @@ def main(model_args: ModelArguments, data: DataArguments, script: ScriptArgument
     # 1. The teacher: the published checkpoint fine-tuned on the JPEG copy (plain Trainer, cross-entropy only).
     teacher_trainer = Trainer(
         model=model,
-        args=teacher_args(args, model_args.finetune_epochs, model_args.finetune_learning_rate),
+        args=plain_training_args(args, model_args.finetune_epochs, model_args.finetune_learning_rate),
         train_dataset=train,
         compute_metrics=accuracy,
     )
@@ -135,20 +95,6 @@ def main(model_args: ModelArguments, data: DataArguments, script: ScriptArgument
         write_results(script.results_file, lines)
     else:
         print("\n".join(lines))
-
-
-def teacher_args(args: RMTKDTrainingArguments, epochs: float, learning_rate: float, **overrides) -> TrainingArguments:
-    """The compression run's settings for plain fine-tuning of the teacher, with its own epochs, lr and folder."""
-    shared = ("per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "lr_scheduler_type")
-    shared += ("warmup_steps", "seed", "data_seed", "use_cpu", "bf16", "dataloader_num_workers", "logging_steps")
-    values = {name: getattr(args, name) for name in shared}
-    values.update(save_strategy="no", report_to=[], **overrides)
-    return TrainingArguments(
-        output_dir=str(Path(args.output_dir) / "teacher"),
-        num_train_epochs=epochs,
-        learning_rate=learning_rate,
-        **values,
-    )
 
 
 def report(model_args, data, args, published: float, before: dict, after: dict, seconds: float) -> list[str]:

@@ -20,7 +20,6 @@ Every `RMTKDTrainingArguments` field is a flag too (`--distillation_alpha 0.5 --
 
 from __future__ import annotations
 
-import csv
 import random
 import sys
 import time
@@ -39,6 +38,7 @@ from transformers import (
 )
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
+from hf_rmtkd.example_data import read_table
 from hf_rmtkd.latency import time_forward_ms
 from hf_rmtkd.reporting import accuracy
 
@@ -79,15 +79,6 @@ def bbc_news(seed: int, test_fraction: float) -> tuple[list[dict], list[dict]]:
     random.Random(seed).shuffle(rows)
     cut = int(len(rows) * (1 - test_fraction))
     return rows[:cut], rows[cut:]
-
-
-def read_table(path: str, text_column: str, label_column: str) -> list[dict]:
-    delimiter = "\t" if path.endswith((".tsv", ".tab")) else ","
-    with open(path, newline="", encoding="utf-8") as handle:
-        reader = csv.DictReader(
-            handle, delimiter=delimiter, quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL
-        )
-        return [{"text": row[text_column], "label": row[label_column]} for row in reader]
 
 
 def load_data(data: DataArguments, seed: int) -> tuple[list[dict], list[dict]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from transformers import TrainingArguments
 
@@ -234,3 +235,20 @@ class RMTKDTrainingArguments(TrainingArguments):
             for option, name in SPECTRAL_FIELDS.items():
                 message = message.replace(f"`{option}`", f"`{name}`")
             raise ValueError(message) from None
+
+
+def plain_training_args(
+    args: RMTKDTrainingArguments, epochs: float, learning_rate: float, **overrides
+) -> TrainingArguments:
+    """`TrainingArguments` for plain fine-tuning of a teacher with the compression run's batch sizes, seed and device,
+    its own epochs and learning rate, in `<output_dir>/teacher`."""
+    shared = ("per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "lr_scheduler_type")
+    shared += ("warmup_steps", "seed", "data_seed", "use_cpu", "bf16", "dataloader_num_workers", "logging_steps")
+    values = {name: getattr(args, name) for name in shared}
+    values.update(save_strategy="no", report_to=[], **overrides)
+    return TrainingArguments(
+        output_dir=str(Path(args.output_dir) / "teacher"),
+        num_train_epochs=epochs,
+        learning_rate=learning_rate,
+        **values,
+    )

@@ -49,7 +49,7 @@ class DecoderArguments:
     eval_windows: int = field(default=16, metadata={"help": "Non-overlapping test windows scored."})
     budgets: str = field(default="0.3,0.1,0.03", metadata={"help": "Per-site output-error budgets, comma-separated."})
     match: str = field(default="", metadata={"help": "Row whose parameters the baselines match; default the "
-                                                    "budget row nearest 25% fewer parameters."})  # fmt: skip
+                                                    "budget row nearest 25 percent fewer parameters."})  # fmt: skip
     rows: str = field(default="mp,budget,hidden,hidden_budget,pca,svd", metadata={"help": "Rows to run."})
     new_tokens: int = field(default=24, metadata={"help": "Greedy tokens per prompt."})
     results_file: str | None = field(default=None)

@@ -44,10 +44,10 @@ class Task:
 
     def fine_tune_teacher(self, bench, args):
         """Plain fine-tuning (cross-entropy, `Trainer`) with the run's batch sizes and the teacher's epochs and lr."""
-        from compress_image_classification import teacher_args
+        from hf_rmtkd.training_args import plain_training_args
 
         model = self.new_teacher()
-        training = teacher_args(args, bench.teacher_epochs, bench.teacher_learning_rate, warmup_steps=0.06)
+        training = plain_training_args(args, bench.teacher_epochs, bench.teacher_learning_rate, warmup_steps=0.06)
         Trainer(model=model, args=training, train_dataset=self.train, data_collator=self.collator).train()
         return model
 
@@ -62,7 +62,7 @@ class Task:
 
 def read_sst2_rows(path: Path, limit: int | None, seed: int) -> list[tuple[int, str]]:
     """`(label, sentence)` rows of an SST-2 TSV (`label<TAB>text_a`), a seeded subset of `limit` if given."""
-    from compress_text_classification import read_table
+    from hf_rmtkd.example_data import read_table
 
     rows = [(int(r["label"]), r["text"]) for r in read_table(str(path), "text_a", "label")]
     if limit is not None and limit < len(rows):
@@ -117,8 +117,7 @@ def sst2_task(bench, args) -> Task:
 
 
 def cifar10_task(bench, args) -> Task:
-    from compress_image_classification import CifarImages, read_split
-
+    from hf_rmtkd.example_data import CifarImages, read_split
     from hf_rmtkd.models.resnet_cifar import load_original_checkpoint
 
     if not bench.checkpoint:
