@@ -222,6 +222,12 @@ class RMTKDPreTrainedModel(PreTrainedModel):
         records the sha256 of the weights as written (`weights_sha256`, checked by `from_pretrained`), and the
         `processing_class` (tokenizer or processor), if any, is saved beside them.
         """
+        if self.__dict__.get("_rmtkd_int8"):
+            raise ValueError(
+                "This is a dynamic int8 copy (hf_rmtkd.quantization.quantize_int8): its packed int8 layers cannot be "
+                "saved as safetensors. Save the float RMTKD model and quantize after loading, or export to ONNX and "
+                "quantize that (hf_rmtkd.quantization.export_onnx_int8)."
+            )
         self.config.auto_map = dict(AUTO_MAP)
         # No stale hash in the config written with the weights; the new one is written once they are on disk.
         self.config.weights_sha256 = None
