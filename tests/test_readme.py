@@ -47,6 +47,17 @@ def _user_model(folder):
     return tokenizer
 
 
+def _sentence_model(folder):
+    """A tiny SentenceTransformer (Transformer + mean Pooling + Normalize) saved in `folder / "sentence-model"`."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    # Built on the user's tiny BERT and tokenizer (`_user_model`, already saved in `folder / "user-model"`).
+    modules = [Transformer(str(folder / "user-model")), Pooling(tiny_config("bert").hidden_size), Normalize()]
+    SentenceTransformer(modules=modules, device="cpu").save(str(folder / "sentence-model"))
+    return folder / "sentence-model"
+
+
 def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     blocks = _blocks()
     assert len(blocks) >= 4
@@ -83,3 +94,10 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     hub = next(i for i, block in enumerate(blocks) if "push_to_hub" in block)
     exec(blocks[hub], namespace)  # Hub: push and load back
     assert isinstance(namespace["model"], tf.PreTrainedModel)
+    int8 = next(i for i, block in enumerate(blocks) if "quantize_int8" in block)
+    exec(blocks[int8], namespace)  # int8 on top
+    assert namespace["onnx_int8_path"].is_file()
+    sentence = next(i for i, block in enumerate(blocks) if "compress_sentence_transformer" in block)
+    exec(blocks[sentence].replace("path/to/sentence-model", str(_sentence_model(tmp_path))), namespace)
+    assert (tmp_path / "sentence-model-rmtkd" / "modules.json").is_file()
+    assert {budget, hub, int8, sentence, 0, 1, 2} == set(range(len(blocks))), "a README block that no test runs"
