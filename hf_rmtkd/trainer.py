@@ -12,7 +12,7 @@ from torch import nn
 from transformers import Trainer
 from transformers.trainer_utils import get_last_checkpoint
 
-from .calibration import calibration_subset, is_iterable_only
+from .calibration_data import calibration_subset, is_iterable_only
 from .compression import to_rmtkd, wrap_existing
 from .distillation import distillation_loss
 from .kept_basis import stream_maps

@@ -48,7 +48,7 @@ from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
-from hf_rmtkd.calibration import calibration_subset
+from hf_rmtkd.calibration_data import calibration_subset
 from hf_rmtkd.latency import time_forward_ms
 from hf_rmtkd.model_card import model_size_mb
 from hf_rmtkd.reporting import machine_line, open_store, write_results
