@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .analysis import SiteReport, SpectralOptions, SpectralReport, analyze_sites
 from .hidden import plan_hidden
 from .kept_basis import add_stream_map, stream_maps
-from .records import HIDDEN_SITE, ModuleRecord, ReductionRecord
+from .records import HIDDEN_SITE, OPTION_KEYS, ModuleRecord, ReductionRecord
 from .relaxation import relax_report
 from .sites import select_sites
 from .surgery import FFN_METHODS, reduce_site
@@ -146,10 +146,8 @@ def apply_report(
                 raise _site_error(name, error) from error
             if record is None:
                 continue
-            options = report.options
-            record = dataclasses.replace(
-                record, estimator=options.estimator, tau=options.tau, false_alarm=options.false_alarm
-            )
+            options = {key: getattr(report.options, key) for key in OPTION_KEYS}
+            record = dataclasses.replace(record, **options)
             previous = model.config.reduced_modules.get(name)
             if previous is not None:
                 # A second reduction of the same site: shapes stay relative to the original module.

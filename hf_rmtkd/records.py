@@ -30,6 +30,21 @@ LEGACY_HIDDEN_KEY = "<hidden_size>"
 HIDDEN_SITE = "hidden_size"
 
 
+# The MP analysis behind a rank, as `SiteReport` and every record name it.
+PROVENANCE_KEYS = ("dim", "signal_rank", "n_samples", "sigma2", "lambda_plus", "threshold", "retained_variance",
+                   "mp_rank", "budget_rank", "output_error")  # fmt: skip
+OPTION_KEYS = ("estimator", "tau", "false_alarm")
+
+
+def provenance_of(site: Any, options: Any = None) -> dict:
+    """The provenance fields of a record, read from an analysed site (a `SiteReport`) and, if given, the spectral
+    options that chose its rank."""
+    values = {key: getattr(site, key, None) for key in PROVENANCE_KEYS}
+    if options is not None:
+        values.update({key: getattr(options, key) for key in OPTION_KEYS})
+    return values
+
+
 def _positive_int(where: str, name: str, value: Any) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"`{where}.{name}` must be a positive int, got {value!r}.")
@@ -86,9 +101,7 @@ class ReductionRecord:
 
     def provenance(self) -> dict:
         """The MP analysis fields, for logs and the model card."""
-        keys = ("dim", "signal_rank", "n_samples", "sigma2", "lambda_plus", "threshold", "retained_variance")
-        keys += ("mp_rank", "budget_rank", "output_error")
-        return {k: getattr(self, k) for k in keys}
+        return provenance_of(self)
 
 
 @dataclass(kw_only=True)

@@ -46,3 +46,12 @@ def open_store(output_dir: str) -> tuple[Path, dict]:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.json"
     return store, (json.loads(store.read_text()) if store.exists() else {})
+
+
+def publish(store: Path, rows: dict, lines: list[str], results_file: str | None) -> None:
+    """Save the JSON store, then write the markdown `lines` to `results_file` (or print them)."""
+    store.write_text(json.dumps(rows, indent=1))
+    if results_file:
+        write_results(results_file, lines)
+    else:
+        print("\n".join(lines))

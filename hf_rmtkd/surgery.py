@@ -36,7 +36,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .hidden_reload import widen_attention
 from .layers import LowRankLinear
-from .records import FFNRecord, HiddenRecord, LinearRecord, ModuleRecord
+from .records import FFNRecord, HiddenRecord, LinearRecord, ModuleRecord, provenance_of
 from .sites import linear_shape
 
 
@@ -307,18 +307,7 @@ def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str =
         bias = _reduce_linear(model, site, centered)
     else:
         bias = _reduce_ffn(model, site, centered, ffn_method)
-    provenance = {
-        "mp_rank": site.mp_rank,
-        "budget_rank": site.budget_rank,
-        "output_error": site.output_error,
-        "dim": site.dim,
-        "signal_rank": site.signal_rank,
-        "n_samples": site.n_samples,
-        "sigma2": site.sigma2,
-        "lambda_plus": site.lambda_plus,
-        "threshold": site.threshold,
-        "retained_variance": site.retained_variance,
-    }
+    provenance = provenance_of(site)
     shape = {"in_features": in_features, "out_features": out_features, "rank": site.rank, "bias": bias}
     if site.kind == "ffn":
         return FFNRecord(**shape, **provenance, producers=list(site.producers), ffn_method=ffn_method)

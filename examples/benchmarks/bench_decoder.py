@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 import hf_rmtkd
 from hf_rmtkd.pipeline import reduce_hidden
-from hf_rmtkd.reporting import machine_line, open_store, write_results
+from hf_rmtkd.reporting import machine_line, open_store, publish
 
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -197,12 +197,7 @@ def main(bench: DecoderArguments) -> None:
         f"windows of {bench.sequence_length} tokens from the start of wiki.test.raw. Teacher: SmolLM2-135M-Instruct, "
         "4-bit GGUF (Q4_1) dequantized to float32 on load."
     )
-    store.write_text(json.dumps(rows, indent=1))
-    lines = report(rows)
-    if bench.results_file:
-        write_results(bench.results_file, lines)
-    else:
-        print("\n".join(lines))
+    publish(store, rows, report(rows), bench.results_file)
 
 
 def nearest_quarter(rows: dict) -> str:

@@ -51,7 +51,7 @@ from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.calibration_data import calibration_subset
 from hf_rmtkd.latency import time_forward_ms
 from hf_rmtkd.model_card import model_size_mb
-from hf_rmtkd.reporting import machine_line, open_store, write_results
+from hf_rmtkd.reporting import machine_line, open_store, publish
 
 
 METHODS = (
@@ -240,12 +240,7 @@ def main(bench: BenchArguments, args: RMTKDTrainingArguments) -> None:
         store.write_text(json.dumps(rows, indent=1))
     rows.setdefault("_runs", []).append({"command": " ".join(sys.argv), "minutes": (time.perf_counter() - start) / 60})
     rows["_setup"] = {**task.describe(bench, args), "machine": machine_line()}
-    store.write_text(json.dumps(rows, indent=1))
-    lines = report(rows)
-    if bench.results_file:
-        write_results(bench.results_file, lines)
-    else:
-        print("\n".join(lines))
+    publish(store, rows, report(rows), bench.results_file)
 
 
 def _method(key: str) -> str:

@@ -47,7 +47,7 @@ from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.analysis import SpectralReport, analyze_sites
 from hf_rmtkd.compression import to_rmtkd
 from hf_rmtkd.pipeline import apply_report, reduce_hidden
-from hf_rmtkd.reporting import machine_line, open_store, write_results
+from hf_rmtkd.reporting import machine_line, open_store, publish
 from hf_rmtkd.sites import select_sites
 
 
@@ -236,12 +236,7 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
             f" Budget of every recipe: {args.max_steps} optimizer steps ({steps:,} sentences drawn from the whole "
             "training set), not the epochs above."
         )
-    store.write_text(json.dumps(rows, indent=1))
-    lines = report(rows)
-    if bench.results_file:
-        write_results(bench.results_file, lines)
-    else:
-        print("\n".join(lines))
+    publish(store, rows, report(rows), bench.results_file)
 
 
 def report(rows: dict) -> list[str]:

@@ -14,7 +14,7 @@ from ..analysis import SiteReport, SpectralOptions, round_rank
 from ..calibration import ActivationStatistics, collect_statistics
 from ..kept_basis import StreamMap
 from ..output_error import budget_site, stream_errors
-from ..records import HiddenRecord
+from ..records import HiddenRecord, provenance_of
 from ..relaxation import relax_rank
 from .family import family_for
 
@@ -122,19 +122,7 @@ def plan_hidden(
     fields = {**sliced.record_fields, **({"attention_width": previous.attention_width} if previous else {})}
     record = HiddenRecord(
         rank=width,
-        dim=previous.dim if previous else report.dim,
-        signal_rank=report.signal_rank,
-        n_samples=report.n_samples,
-        sigma2=report.sigma2,
-        lambda_plus=report.lambda_plus,
-        threshold=report.threshold,
-        retained_variance=report.retained_variance,
-        estimator=options.estimator,
-        tau=options.tau,
-        false_alarm=options.false_alarm,
-        mp_rank=report.mp_rank,
-        budget_rank=report.budget_rank,
-        output_error=report.output_error,
+        **{**provenance_of(report, options), "dim": previous.dim if previous else report.dim},
         config_overrides=overrides,
         widths=((previous.widths or [previous.rank]) if previous else []) + [width],
         first_mp_width=previous.first_mp_width if previous and previous.first_mp_width else mp_width,
