@@ -91,10 +91,7 @@ def main(model_args: ModelArguments, data: DataArguments, script: ScriptArgument
     trainer.save_model()
     after = measure(trainer.model, trainer, test, script.latency_repeats)
     lines = report(model_args, data, args, published, before, after, time.perf_counter() - start)
-    if script.results_file:
-        write_results(script.results_file, lines)
-    else:
-        print("\n".join(lines))
+    write_results(script.results_file, lines)
 
 
 def report(model_args, data, args, published: float, before: dict, after: dict, seconds: float) -> list[str]:

@@ -99,10 +99,6 @@ class ReductionRecord:
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
         return {"kind": self.kind, **{k: v for k, v in values.items() if v is not None}, **self.extra}
 
-    def provenance(self) -> dict:
-        """The MP analysis fields, for logs and the model card."""
-        return provenance_of(self)
-
 
 @dataclass(kw_only=True)
 class ModuleRecord(ReductionRecord):

@@ -33,11 +33,25 @@ def machine_line() -> str:
     )
 
 
-def write_results(path: str, lines: list[str]) -> None:
-    """Write the results file (creating its folder) and echo it."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text("\n".join(lines) + "\n")
+def write_results(path: str | None, lines: list[str]) -> None:
+    """Write the results file (creating its folder) and echo it; with no path, only print it."""
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def report_header(title: str, rows: dict) -> list[str]:
+    """The top of a benchmark's results file from its JSON store: title, machine, every command run, setup."""
+    return [
+        f"# {title}",
+        "",
+        rows.get("_machine", machine_line()),
+        "",
+        "Commands: " + "; ".join(f"`python {c}`" for c in rows.get("_runs", [])),
+        "",
+        rows.get("_setup", ""),
+    ]
 
 
 def open_store(output_dir: str) -> tuple[Path, dict]:
@@ -51,7 +65,4 @@ def open_store(output_dir: str) -> tuple[Path, dict]:
 def publish(store: Path, rows: dict, lines: list[str], results_file: str | None) -> None:
     """Save the JSON store, then write the markdown `lines` to `results_file` (or print them)."""
     store.write_text(json.dumps(rows, indent=1))
-    if results_file:
-        write_results(results_file, lines)
-    else:
-        print("\n".join(lines))
+    write_results(results_file, lines)

@@ -33,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 import hf_rmtkd
 from hf_rmtkd.pipeline import reduce_hidden
-from hf_rmtkd.reporting import machine_line, open_store, publish
+from hf_rmtkd.reporting import machine_line, open_store, publish, report_header
 
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -209,14 +209,7 @@ def nearest_quarter(rows: dict) -> str:
 
 def report(rows: dict) -> list[str]:
     teacher = rows["teacher"]
-    lines = [
-        "# Post-training compression of a real decoder: SmolLM2-135M on WikiText-2",
-        "",
-        rows.get("_machine", machine_line()),
-        "",
-        "Commands: " + "; ".join(f"`python {c}`" for c in rows.get("_runs", [])),
-        "",
-        rows.get("_setup", ""),
+    lines = report_header("Post-training compression of a real decoder: SmolLM2-135M on WikiText-2", rows) + [
         "",
         "| row | perplexity | vs teacher | whole params | prefill tok/s | decode tok/s | compress s |",
         "|---|---|---|---|---|---|---|",

@@ -142,10 +142,7 @@ def main(bench: Int8Arguments) -> None:
         "checkpoint stays float and is quantized after loading (`quantize_int8(AutoModel...from_pretrained(path))`, "
         "tested to equal quantizing before saving), or exported to ONNX and quantized there.",
     ]
-    if bench.results_file:
-        write_results(bench.results_file, lines)
-    else:
-        print("\n".join(lines))
+    write_results(bench.results_file, lines)
 
 
 if __name__ == "__main__":

@@ -104,10 +104,7 @@ def main(args: Arguments) -> None:
         "Latencies are medians of round-robin repeats (every model timed in turn), so drift hits all alike; on this",
         "shared 2-core machine they still move by about 5% between identical models, so differences below that are noise.",
     ]
-    if args.results_file:
-        write_results(args.results_file, lines)
-    else:
-        print("\n".join(lines))
+    write_results(args.results_file, lines)
 
 
 if __name__ == "__main__":

@@ -47,7 +47,7 @@ from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.analysis import SpectralReport, analyze_sites
 from hf_rmtkd.compression import to_rmtkd
 from hf_rmtkd.pipeline import apply_report, reduce_hidden
-from hf_rmtkd.reporting import machine_line, open_store, publish
+from hf_rmtkd.reporting import machine_line, open_store, publish, report_header
 from hf_rmtkd.sites import select_sites
 
 
@@ -244,14 +244,7 @@ def report(rows: dict) -> list[str]:
     teacher = rows["teacher"]
     dev = 872
     stderr = 100 * math.sqrt(teacher["accuracy"] * (1 - teacher["accuracy"]) / dev)
-    lines = [
-        "# Recovery at high compression: SST-2 (full training set), all-MiniLM-L6-v2",
-        "",
-        rows.get("_machine", machine_line()),
-        "",
-        "Commands: " + "; ".join(f"`python {c}`" for c in rows.get("_runs", [])),
-        "",
-        rows.get("_setup", ""),
+    lines = report_header("Recovery at high compression: SST-2 (full training set), all-MiniLM-L6-v2", rows) + [
         f"Teacher epoch on the full training set: {rows.get('_teacher_epoch_minutes', float('nan')):.1f} min "
         "(wall time of the run that finished it, whatever else shared the machine). "
         f"Dev-set standard error of an accuracy near the teacher's: {stderr:.2f} points.",

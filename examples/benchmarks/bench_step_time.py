@@ -122,10 +122,7 @@ def main(bench: StepArguments) -> None:
         lines.append(
             f"| {name} | {1000 * statistics.median(values):.0f} | {ratio:.2f}x | {'met' if ratio <= 1.5 else 'NOT met'} |"
         )
-    if bench.results_file:
-        write_results(bench.results_file, lines)
-    else:
-        print("\n".join(lines))
+    write_results(bench.results_file, lines)
 
 
 if __name__ == "__main__":
