@@ -25,6 +25,7 @@ from .modeling_rmtkd import (
 )
 from .models.resnet_cifar import ResNetCifarConfig, ResNetCifarForImageClassification
 from .mp_law import fit_spectrum, mp_density, mp_edges
+from .sentence_models import compress_sentence_transformer, distill_sentence_transformer
 from .trainer import RMTKDTrainer
 from .training_args import RMTKDTrainingArguments
 
@@ -68,6 +69,8 @@ __all__ = [
     "SpectralReport",
     "analyze",
     "compress",
+    "compress_sentence_transformer",
+    "distill_sentence_transformer",
     "fit_spectrum",
     "mp_density",
     "merge_low_rank",

@@ -163,9 +163,11 @@ def compress(
     Args:
         model (`PreTrainedModel`): the model to compress; it is reduced in place and wrapped (a `PeftModel` is
             merged first). Compressing the same object again (or the returned RMTKD model) continues from the
-            first call's records: the result holds both rounds and saves and loads.
+            first call's records: the result holds both rounds and saves and loads. A `SentenceTransformer` (or
+            the folder of one) is handed to [`compress_sentence_transformer`]: its transformer is reduced, the other
+            modules kept, and the `SentenceTransformer` returned.
         calibration_data (`Iterable`): batches as for [`analyze`] (a `datasets.Dataset` of rows is refused: wrap it
-            in a `DataLoader` with a collator).
+            in a `DataLoader` with a collator); raw sentences for a `SentenceTransformer`.
         target_modules (`str` or `list[str]`, *optional*): sites to reduce, as in [`analyze`]; default every site.
         ffn_method (`str`, *optional*, defaults to `"select"`): FFN surgery, `"select"` or `"project"` (the paper's
             fold); see [`hf_rmtkd.surgery`].
@@ -189,6 +191,13 @@ def compress(
         `ValueError` / `TypeError` naming the argument, module or site at fault. Nothing is reduced then: the model
         is left as it was.
     """
+    from .sentence_models import compress_sentence_transformer, is_sentence_transformer  # imports this module
+
+    if is_sentence_transformer(model):
+        return compress_sentence_transformer(
+            model, calibration_data, progress=progress, target_modules=target_modules, ffn_method=ffn_method,
+            return_report=return_report, hidden_width=hidden_width, **options,
+        )  # fmt: skip
     spectral = SpectralOptions(**options)
     plan = ReductionPlan(target_modules=target_modules, hidden_steps_left=int(hidden_width), ffn_method=ffn_method)
     wrapper, created = _wrap(model)

@@ -6,15 +6,29 @@ RMTKD model. Pooling, normalisation and dense layers are untouched. `model.save(
 checkpoint (with its code and tokenizer) beside `modules.json` and the other modules' folders, so
 `SentenceTransformer(path)` loads the same modules after `import hf_rmtkd`, or with `trust_remote_code=True` where
 hf_rmtkd is not installed.
+
+Recovery ([`distill_sentence_transformer`]) goes through sentence-transformers' own `SentenceTransformerTrainer` with
+its `EmbedDistillLoss` (the teacher's sentence embeddings as labels), not through [`RMTKDTrainer`]: an embedding model
+has no task head, so RMTKDTrainer's cross-entropy + KL on logits has nothing to act on, while sentence-transformers'
+trainer already handles raw-text columns, the model's modules (pooling, normalisation, dense layers), its evaluators
+(retrieval, similarity) and its own save format. What RMT-KD adds is the target: where the hidden width was reduced,
+the teacher's embedding is taken through the kept basis (`e_teacher @ M`, renormalised when the model normalises), so
+the student is pulled towards the subspace the reduction kept instead of through a learned projection.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
+import torch
 from transformers import PreTrainedModel
 
 from .compression import compress
+from .kept_basis import map_from
+
+
+DISTANCES = ("cosine", "mse", "l2")
 
 
 def _require():
@@ -23,6 +37,17 @@ def _require():
     except ImportError as error:  # an optional dependency
         raise ImportError("pip install sentence-transformers to compress SentenceTransformer models") from error
     return SentenceTransformer
+
+
+def is_sentence_transformer(model) -> bool:
+    """Whether `model` is a `SentenceTransformer`, or a folder holding one (a `modules.json`)."""
+    if isinstance(model, (str, Path)):
+        return (Path(model) / "modules.json").is_file()
+    try:
+        from sentence_transformers import SentenceTransformer
+    except ImportError:
+        return False
+    return isinstance(model, SentenceTransformer)
 
 
 def transformer_module(model):
@@ -53,6 +78,8 @@ def compress_sentence_transformer(
     SentenceTransformer = _require()
     if not isinstance(model, SentenceTransformer):
         model = SentenceTransformer(str(model), device="cpu")
+    if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
+        raise TypeError("A SentenceTransformer is calibrated on raw sentences: pass a list of strings.")
     sentences = [s for s in sentences if s]
     if not sentences:
         raise ValueError("`sentences` is empty: calibration needs text.")
@@ -63,7 +90,110 @@ def compress_sentence_transformer(
                               max_length=limit, return_tensors="pt"))
         for i in range(0, len(sentences), batch_size)
     ]  # fmt: skip
-    module.model = compress(
-        module.model, batches, progress=progress, processing_class=module.tokenizer, **compress_kwargs
-    )
+    result = compress(module.model, batches, progress=progress, processing_class=module.tokenizer, **compress_kwargs)
+    if compress_kwargs.get("return_report"):
+        module.model, report = result
+        return model, report
+    module.model = result
     return model
+
+
+def _texts(sentences: Sequence[str], name: str) -> list[str]:
+    if isinstance(sentences, str):
+        raise TypeError(f"`{name}` must be a sequence of sentences, got one string.")
+    texts = [s for s in sentences if s]
+    if not texts:
+        raise ValueError(f"`{name}` is empty: distillation needs text.")
+    return texts
+
+
+def embedding_targets(teacher, student, sentences: Sequence[str], batch_size: int = 64) -> torch.Tensor:
+    """The teacher's sentence embeddings in the student's embedding space, shape `(len(sentences), student_dim)`.
+
+    Same width: the teacher's embeddings as they are. Reduced hidden width: `e_teacher @ M`, with `M` of shape
+    `(teacher_dim, student_dim)` the composed kept basis recorded on the student's transformer by the reduction
+    (exact for mean or CLS pooling, which are linear), renormalised when the student ends with `Normalize`.
+
+    Raises:
+        `ValueError` when the widths differ and no recorded reduction maps one to the other (e.g. a student loaded
+        from disk, where the kept basis is not saved: compute the targets before saving, or distill first).
+    """
+    texts = _texts(sentences, "sentences")
+    encode = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
+    target = teacher.encode(texts, **encode).float().cpu()
+    width = int(student.encode(texts[:1], **encode).shape[-1])
+    if target.shape[1] == width:
+        return target
+    stream = map_from(transformer_module(student).model, target.shape[1])
+    if stream is None or stream.out_width != width:
+        raise ValueError(
+            f"The teacher's embeddings have {target.shape[1]} dimensions and the student's {width}, and the student "
+            "records no hidden-width reduction between them; distill a student compressed in this process "
+            "(its kept basis is not saved with the weights)."
+        )
+    target = target @ stream.matrix
+    if any(type(module).__name__ == "Normalize" for module in student):
+        target = torch.nn.functional.normalize(target, dim=-1)
+    return target
+
+
+def distill_sentence_transformer(
+    student,
+    teacher,
+    sentences: Sequence[str],
+    args=None,
+    distance: str = "cosine",
+    eval_sentences: Sequence[str] | None = None,
+    batch_size: int = 64,
+):
+    """Recover a compressed `SentenceTransformer` by distilling the teacher's sentence embeddings into it.
+
+    Trains `student` in place with sentence-transformers' `SentenceTransformerTrainer` and `EmbedDistillLoss`
+    (labels: [`embedding_targets`], computed once up front). Cost: one teacher forward per sentence, then the epochs
+    of `args` over `sentences` (one student forward and backward per sentence and epoch).
+
+    Args:
+        student: the compressed `SentenceTransformer` (from [`compress_sentence_transformer`], in this process when
+            its hidden width was reduced).
+        teacher: the `SentenceTransformer` before compression (frozen; only its embeddings are used).
+        sentences: raw training sentences, ideally from the domain the model serves (no labels needed).
+        args (`SentenceTransformerTrainingArguments`, *optional*): default one epoch, batch 32, lr 5e-5, no
+            checkpoints, under `rmtkd_st_distill/`.
+        distance (`str`, *optional*, defaults to `"cosine"`): `"cosine"` (1 - cosine, sentence-transformers' default
+            for `EmbedDistillLoss`), `"mse"` (its `MSELoss`, the multilingual-distillation recipe) or `"l2"`.
+        eval_sentences: held-out sentences; the same loss is then reported as `eval_loss` at each evaluation.
+        batch_size: sentences per teacher forward when computing the targets.
+
+    Returns:
+        The trained `student` (the same object); `student.save(path)` writes a folder `SentenceTransformer(path)` loads.
+    """
+    _require()
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+    from sentence_transformers.sentence_transformer.losses import EmbedDistillLoss
+
+    if distance not in DISTANCES:
+        raise ValueError(f"`distance` must be one of {DISTANCES}, got {distance!r}.")
+    texts = _texts(sentences, "sentences")
+    train = Dataset.from_dict(
+        {"sentence": texts, "label": embedding_targets(teacher, student, texts, batch_size).numpy()}
+    )
+    evaluation = None
+    if eval_sentences is not None:
+        held_out = _texts(eval_sentences, "eval_sentences")
+        targets = embedding_targets(teacher, student, held_out, batch_size).numpy()
+        evaluation = Dataset.from_dict({"sentence": held_out, "label": targets})
+    if args is None:
+        args = SentenceTransformerTrainingArguments(
+            output_dir="rmtkd_st_distill", num_train_epochs=1, per_device_train_batch_size=32, learning_rate=5e-5,
+            warmup_ratio=0.1, save_strategy="no", report_to="none", logging_steps=50,
+        )  # fmt: skip
+    trainer = SentenceTransformerTrainer(
+        model=student,
+        args=args,
+        train_dataset=train,
+        eval_dataset=evaluation,
+        loss=EmbedDistillLoss(student, distance_metric=distance),
+    )
+    trainer.train()
+    return student

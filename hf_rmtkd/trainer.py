@@ -24,6 +24,7 @@ from .representation import output_flags, representation_terms
 from .rewire import rewire_trainer
 from .run_checkpoint import restore_reductions, save_run_extras
 from .schedule import ReductionCallback, layer_groups
+from .sentence_models import is_sentence_transformer
 from .sites import select_sites
 from .training_args import RMTKDTrainingArguments
 
@@ -77,6 +78,13 @@ class RMTKDTrainer(Trainer):
             raise TypeError(f"RMTKDTrainer needs RMTKDTrainingArguments, got {type(args).__name__}.")
         if model is None:
             raise ValueError("RMTKDTrainer needs a `model` (model_init is not supported: the reductions change it).")
+        if is_sentence_transformer(model):
+            raise TypeError(
+                "RMTKDTrainer trains models with a task head (its loss is cross-entropy + KL on logits). For a "
+                "SentenceTransformer: `student = hf_rmtkd.compress(model, sentences)`, then "
+                "`hf_rmtkd.distill_sentence_transformer(student, teacher, sentences)` (sentence-transformers' own "
+                "trainer, distilling the teacher's embeddings through the kept basis)."
+            )
         super().__init__(to_rmtkd(model), args, *pos, **kwargs)
         # Our loss divides its sums by `num_items_in_batch` itself; Trainer must not rescale it again.
         self.model_accepts_loss_kwargs = True

@@ -17,7 +17,10 @@ def word_tokenizer(folder):
     """A real BERT WordPiece tokenizer over `WORDS`, its vocabulary written into `folder`."""
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    return tf.BertTokenizerFast(vocab_file=str(folder / "vocab.txt"))
+    # transformers 5 takes the vocabulary as `vocab` (a `vocab_file=` keyword is silently ignored: every word -> [UNK]).
+    tokenizer = tf.BertTokenizerFast(vocab=str(folder / "vocab.txt"))
+    assert tokenizer("good film")["input_ids"] == [2, 5 + WORDS.index("good"), 5 + WORDS.index("film"), 3]
+    return tokenizer
 
 
 def tiny_classifier(seed=0, dropout=0.0):
