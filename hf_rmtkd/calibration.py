@@ -148,10 +148,17 @@ def flatten_samples(x: torch.Tensor, mask: torch.Tensor | None, conv: bool) -> t
     return x.reshape(-1, x.shape[-1])
 
 
+class StopForward(Exception):
+    """Raised by a collector's hook to end a forward pass whose remaining layers feed no hooked module."""
+
+
 class ActivationCollector:
     """Hooks the inputs of named modules and streams their statistics.
 
-    Modules that receive the very same input tensor in a forward (Q, K and V, say) share one accumulation.
+    Modules that receive the very same input tensor in a forward (Q, K and V, say) share one accumulation. When the
+    first batch shows every hooked module running exactly once per forward, later forwards stop right after the last
+    of them ([`StopForward`]): the layers after it, and a language model's head (a fifth of SmolLM2-135M's forward),
+    never run, and a reduction of the first layers only costs the forward up to them.
 
     Args:
         model (`nn.Module`): the model to observe.
@@ -168,41 +175,54 @@ class ActivationCollector:
         self.mask: torch.Tensor | None = None
         self._handles = []
         self._seen: dict[tuple[int, int], tuple] = {}
-        for name in module_names:
+        self._calls: list[str] = []  # hooked calls of the current forward, in order
+        self._stop_after: str | None = None  # set after the first batch, see the class docstring
+        self._batches = 0
+        self._names = list(dict.fromkeys(module_names))
+        for name in self._names:
             module = model.get_submodule(name)
             self._handles.append(module.register_forward_pre_hook(self._hook(name, isinstance(module, nn.Conv2d))))
 
     def _hook(self, name: str, conv: bool):
         def hook(module, args):
-            x = args[0]
-            stats = self.stats.get(name)
-            taken = stats.count if stats is not None else 0
-            if self.max_samples is not None and taken >= self.max_samples:
-                return
-            samples = flatten_samples(x, self.mask, conv)
-            if self.max_samples is not None:
-                samples = samples[: self.max_samples - taken]
-            # Q, K and V see the very same tensor: its sums are computed once per batch. Keeping `x` alive in the
-            # cache pins its id for the whole forward, so a freed tensor's id cannot be mistaken for it.
-            key = (id(x), samples.shape[0])
-            cached = self._seen.get(key)
-            if cached is None:
-                if not torch.isfinite(samples).all():
-                    raise ValueError(
-                        f"Non-finite (NaN or Inf) activations at the input of module {name!r}; "
-                        "check the model's weights, the inputs and the dtype before calibrating."
-                    )
-                cached = (x, batch_sums(samples))
-                check_finite_sums(name, *cached[1][:2])
-                self._seen[key] = cached
-            sums = cached[1]
-            if stats is None:
-                stats = self.stats[name] = ActivationStatistics.zeros(sums[1].numel())
-            stats.merge(*sums)
+            self._calls.append(name)
+            self._collect(name, conv, args[0])
+            if name == self._stop_after:
+                raise StopForward
 
         return hook
 
+    def _collect(self, name: str, conv: bool, x: torch.Tensor) -> None:
+        stats = self.stats.get(name)
+        taken = stats.count if stats is not None else 0
+        if self.max_samples is not None and taken >= self.max_samples:
+            return
+        samples = flatten_samples(x, self.mask, conv)
+        if self.max_samples is not None:
+            samples = samples[: self.max_samples - taken]
+        # Q, K and V see the very same tensor: its sums are computed once per batch. Keeping `x` alive in the
+        # cache pins its id for the whole forward, so a freed tensor's id cannot be mistaken for it.
+        key = (id(x), samples.shape[0])
+        cached = self._seen.get(key)
+        if cached is None:
+            if not torch.isfinite(samples).all():
+                raise ValueError(
+                    f"Non-finite (NaN or Inf) activations at the input of module {name!r}; "
+                    "check the model's weights, the inputs and the dtype before calibrating."
+                )
+            cached = (x, batch_sums(samples))
+            check_finite_sums(name, *cached[1][:2])
+            self._seen[key] = cached
+        sums = cached[1]
+        if stats is None:
+            stats = self.stats[name] = ActivationStatistics.zeros(sums[1].numel())
+        stats.merge(*sums)
+
     def end_batch(self) -> None:
+        if self._batches == 0 and sorted(self._calls) == sorted(self._names):
+            self._stop_after = self._calls[-1]
+        self._batches += 1
+        self._calls.clear()
         self._seen.clear()
 
     def full(self) -> bool:
@@ -324,10 +344,16 @@ def run_calibration(model: nn.Module, calibration_data: Iterable, collector, pro
                     inputs.pop("labels", None)
                     inputs.pop("label", None)
                     collector.mask = inputs.get("attention_mask")
-                    model(**inputs)
+                    try:
+                        model(**inputs)
+                    except StopForward:
+                        pass
                 else:
                     collector.mask = None
-                    model(batch.to(device))
+                    try:
+                        model(batch.to(device))
+                    except StopForward:
+                        pass
                 collector.end_batch()
                 batches += 1
                 bar.update(_token_count(batch))

@@ -6,7 +6,8 @@
 
 Arguments come from the same dataclasses as the Python API ([`SpectralOptions`] for every spectral option), parsed by
 `transformers.HfArgumentParser`; `rmtkd <command> --help` lists them. Text data: CSV, TSV, JSON lines or plain text
-files, or a `datasets` folder written by `save_to_disk`.
+files, or a `datasets` folder written by `save_to_disk`. MODEL may be a sentence-transformers folder (one with a
+`modules.json`): its transformer is analysed or compressed and `--output` is written with `SentenceTransformer.save`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
 
 from .analysis import SpectralOptions, analyze
 from .compression import compress
+from .sentence_models import compress_sentence_transformer, is_sentence_transformer, transformer_module
 
 
 logger = logging.getLogger(__name__)
@@ -45,7 +47,10 @@ class DataArguments:
         metadata={"help": "Column holding the text; default 'text', 'sentence', or the first string column."},
     )
     samples: int = field(default=512, metadata={"help": "Rows used for calibration (the first ones), >= 1."})
-    max_length: int = field(default=128, metadata={"help": "Tokens per row (longer rows are truncated), >= 2."})
+    max_length: int = field(
+        default=128,
+        metadata={"help": "Tokens per row (longer rows are truncated), >= 2; a SentenceTransformer keeps its own."},
+    )
     batch_size: int = field(default=16, metadata={"help": "Rows per forward pass, >= 1."})
 
     def __post_init__(self):
@@ -134,10 +139,20 @@ def _calibration(model_path: str, data: DataArguments):
     return tokenizer, batches(tokenizer, read_texts(data), data)
 
 
+def _sentence_transformer(model_path: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model_path, device="cpu")
+
+
 def run_analyze(model_path: str, argv: list[str]) -> None:
     data, command, options = parser_for("analyze").parse_args_into_dataclasses(argv)
-    model = load_model(model_path)
-    _, calibration = _calibration(model_path, data)
+    if is_sentence_transformer(model_path):
+        module = transformer_module(_sentence_transformer(model_path))
+        model, calibration = module.model, batches(module.tokenizer, read_texts(data), data)
+    else:
+        model = load_model(model_path)
+        _, calibration = _calibration(model_path, data)
     report = analyze(model, calibration, command.target_modules, progress=True, **vars(options))
     print(
         report.to_pandas()[["module", "kind", "dim", "rank", "sigma2", "lambda_plus", "retained_variance"]].to_string(
@@ -151,9 +166,21 @@ def run_analyze(model_path: str, argv: list[str]) -> None:
 
 def run_compress(model_path: str, argv: list[str]) -> None:
     data, command, options = parser_for("compress").parse_args_into_dataclasses(argv)
+    targets = [] if command.target_modules == ["none"] else command.target_modules
+    if is_sentence_transformer(model_path):
+        model = _sentence_transformer(model_path)
+        before = sum(p.numel() for p in model.parameters())
+        compress_sentence_transformer(
+            model, read_texts(data), batch_size=data.batch_size, target_modules=targets, ffn_method=command.ffn_method,
+            hidden_width=command.hidden_width, **vars(options),
+        )  # fmt: skip
+        model.save(command.output)
+        after = sum(p.numel() for p in model.parameters())
+        print(f"SentenceTransformer: {len(transformer_module(model).model.config.ranks())} reductions; parameters "
+              f"{before:,} -> {after:,} ({1 - after / before:.1%} fewer); written to {command.output}")  # fmt: skip
+        return
     model = load_model(model_path)
     tokenizer, calibration = _calibration(model_path, data)
-    targets = [] if command.target_modules == ["none"] else command.target_modules
     before = model.num_parameters()
     compressed = compress(
         model,

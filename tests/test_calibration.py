@@ -49,6 +49,39 @@ class TestStatistics:
         assert torch.equal(stats[names[0]].sum_outer, stats[names[1]].sum_outer)
         assert torch.equal(stats[names[0]].sum_outer, stats[names[2]].sum_outer)
 
+    def test_forwards_stop_after_the_last_hooked_module_with_the_same_statistics(self):
+        model = tiny_model("llama", "causal")
+        batches = tiny_batches("llama", n_batches=4)
+        names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj"]
+        ran = []
+        handle = model.lm_head.register_forward_pre_hook(lambda m, a: ran.append(1))
+        early, _ = collect_statistics(model, batches, names, progress=False)
+        assert len(ran) == 1  # the first batch ran in full, the three others stopped at layer 0's down_proj
+        # Reference: every forward in full, the same hooks' inputs collected by hand.
+        seen = {name: [] for name in names}
+        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0])) for n in names]
+        with torch.no_grad():
+            for b in batches:
+                model(**b)
+        for hook in [handle, *hooks]:
+            hook.remove()
+        assert len(ran) == 5
+        for name in names:
+            real = torch.cat([h[b["attention_mask"].bool()] for h, b in zip(seen[name], batches)]).double()
+            assert early[name].count == real.shape[0]
+            torch.testing.assert_close(early[name].sum_outer, real.T @ real, rtol=1e-4, atol=1e-4)  # float32 products
+        # The interrupted forwards leave the model as it was: a full forward afterwards is unchanged.
+        with torch.no_grad():
+            after = model(**batches[0], output_hidden_states=True)
+        assert len(after.hidden_states) == model.config.num_hidden_layers + 1
+
+    def test_a_module_called_twice_per_forward_never_stops_it_early(self):
+        layer = nn.Linear(6, 6).double()
+        model = nn.Sequential(layer, nn.Tanh(), layer)  # one module, two calls: both inputs are samples
+        batches = [torch.randn(5, 6, dtype=torch.float64) for _ in range(3)]
+        stats, _ = collect_statistics(model, batches, ["0"], progress=False)
+        assert stats["0"].count == 2 * 15
+
     def test_max_samples_caps_every_module(self):
         model = _mlp()
         stats, _ = collect_statistics(

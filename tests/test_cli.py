@@ -137,3 +137,26 @@ def test_the_readme_commands_run_as_written(model_dir, tmp_path, monkeypatch, ca
     out = capsys.readouterr().out
     assert "sigma2" in out and "fewer" in out and "pushed model-rmtkd to user/model-rmtkd" in out
     assert tf.AutoModelForSequenceClassification.from_pretrained("user/model-rmtkd").config.reduced_modules
+
+
+def test_compress_and_analyze_take_a_sentence_transformers_folder(tmp_path, capsys):
+    st = pytest.importorskip("sentence_transformers")
+    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+
+    torch.manual_seed(0)
+    config = tiny_config("bert")
+    config.vocab_size = len(WORDS) + 5
+    tf.BertModel(config).save_pretrained(tmp_path / "bert")
+    word_tokenizer(tmp_path / "bert").save_pretrained(tmp_path / "bert")
+    modules = [Transformer(str(tmp_path / "bert")), Pooling(config.hidden_size), Normalize()]
+    st.SentenceTransformer(modules=modules, device="cpu").save(str(tmp_path / "st"))
+    data = _write(tmp_path, "txt")
+    main(["analyze", str(tmp_path / "st"), "--data", str(data)])
+    assert "encoder.layer.1.output.dense    ffn" in capsys.readouterr().out
+    main(["compress", str(tmp_path / "st"), "--data", str(data), "--output", str(tmp_path / "out"), "--hidden_width"])
+    assert "SentenceTransformer:" in capsys.readouterr().out
+    reloaded = st.SentenceTransformer(str(tmp_path / "out"), device="cpu")
+    assert [type(m).__name__ for m in reloaded] == ["Transformer", "Pooling", "Normalize"]
+    width = reloaded[0].model.config.hidden_width.rank
+    assert type(reloaded[0].model).__name__ == "RMTKDModel" and width < 32
+    assert reloaded.encode(["good film"]).shape[1] == width

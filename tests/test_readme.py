@@ -97,7 +97,7 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     int8 = next(i for i, block in enumerate(blocks) if "quantize_int8" in block)
     exec(blocks[int8], namespace)  # int8 on top
     assert namespace["onnx_int8_path"].is_file()
-    sentence = next(i for i, block in enumerate(blocks) if "compress_sentence_transformer" in block)
+    sentence = next(i for i, block in enumerate(blocks) if "distill_sentence_transformer" in block)
     exec(blocks[sentence].replace("path/to/sentence-model", str(_sentence_model(tmp_path))), namespace)
     assert (tmp_path / "sentence-model-rmtkd" / "modules.json").is_file()
     assert {budget, hub, int8, sentence, 0, 1, 2} == set(range(len(blocks))), "a README block that no test runs"
