@@ -205,12 +205,14 @@ class ActivationCollector:
         key = (id(x), samples.shape[0])
         cached = self._seen.get(key)
         if cached is None:
-            if not torch.isfinite(samples).all():
+            cached = (x, batch_sums(samples))
+            # A NaN or Inf sample makes its column's float64 sum non-finite (finite float32 samples cannot overflow
+            # it), so the d-vector of sums is checked instead of every sample.
+            if not torch.isfinite(cached[1][1]).all():
                 raise ValueError(
                     f"Non-finite (NaN or Inf) activations at the input of module {name!r}; "
                     "check the model's weights, the inputs and the dtype before calibrating."
                 )
-            cached = (x, batch_sums(samples))
             check_finite_sums(name, *cached[1][:2])
             self._seen[key] = cached
         sums = cached[1]
