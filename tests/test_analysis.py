@@ -134,3 +134,16 @@ class TestSiteSelection:
     def test_ffn_found_in_every_family(self, family, ffn):
         sites = {s.name: s for s in find_sites(tiny_model(family))}
         assert sites[ffn].kind == "ffn" and sites[ffn].dim == 37
+
+
+def test_sites_with_the_same_input_share_one_eigendecomposition(monkeypatch):
+    model = tiny_model("bert")
+    calls = []
+    eigh = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda a: calls.append(a.shape) or eigh(a))  # counts the library call
+    report = hf_rmtkd.analyze(model, tiny_batches("bert", 2), progress=False)
+    layers = model.config.num_hidden_layers
+    # Per layer: Q, K and V share one input; the attention output and the FFN each have their own.
+    assert len(report) == 5 * layers and len(calls) == 3 * layers
+    q, k = report["encoder.layer.0.attention.self.query"], report["encoder.layer.0.attention.self.key"]
+    assert q.rank == k.rank and torch.equal(q.eigenvalues, k.eigenvalues)
