@@ -183,7 +183,9 @@ def round_rank(rank: int, dim: int, multiple: int = 1) -> int:
 
 
 def _same_input(a: ActivationStatistics, b: ActivationStatistics) -> bool:
-    return a.count == b.count and a.dim == b.dim and torch.equal(a.sum, b.sum) and torch.equal(a.sum_outer, b.sum_outer)
+    return (
+        a.count == b.count and a.dim == b.dim and torch.equal(a.sum, b.sum) and torch.equal(a.sum_outer, b.sum_outer)
+    )
 
 
 def analyze_statistics(

@@ -59,7 +59,9 @@ class TestStatistics:
         assert len(ran) == 1  # the first batch ran in full, the three others stopped at layer 0's down_proj
         # Reference: every forward in full, the same hooks' inputs collected by hand.
         seen = {name: [] for name in names}
-        hooks = [model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0])) for n in names]
+        hooks = [
+            model.get_submodule(n).register_forward_pre_hook(lambda m, a, n=n: seen[n].append(a[0])) for n in names
+        ]
         with torch.no_grad():
             for b in batches:
                 model(**b)

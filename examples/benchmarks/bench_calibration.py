@@ -45,7 +45,9 @@ def measure(bench: CalibrationArguments) -> dict:
 
     torch.set_num_threads(1)
     teacher, tokenizer = load_teacher()
-    ids = token_windows(tokenizer, (Path(bench.data_dir) / "valid.tokens").read_text(), 256, bench.calibration_tokens // 256)
+    ids = token_windows(
+        tokenizer, (Path(bench.data_dir) / "valid.tokens").read_text(), 256, bench.calibration_tokens // 256
+    )
     calibration = [{"input_ids": torch.cat(ids[i : i + 8])} for i in range(0, len(ids), 8)]
     began = time.perf_counter()
     with torch.no_grad():

@@ -27,7 +27,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from scipy.stats import spearmanr
 from sentence_transformers import SentenceTransformer, SentenceTransformerTrainingArguments
@@ -121,7 +120,10 @@ def main(bench: EmbeddingArguments) -> None:
     train, held = articles(bench.seed, bench.held_out)
     rng = random.Random(bench.seed + 1)
     held_sentences = sentences_of([b for _, b in held])
-    pairs = ([rng.choice(held_sentences) for _ in range(bench.pairs)], [rng.choice(held_sentences) for _ in range(bench.pairs)])
+    pairs = (
+        [rng.choice(held_sentences) for _ in range(bench.pairs)],
+        [rng.choice(held_sentences) for _ in range(bench.pairs)],
+    )
     train_sentences = sentences_of([b for _, b in train])
     rng.shuffle(train_sentences)
     calibration = train_sentences[: bench.calibration_sentences]
