@@ -157,7 +157,7 @@ def distill_sentence_transformer(
             its hidden width was reduced).
         teacher: the `SentenceTransformer` before compression (frozen; only its embeddings are used).
         sentences: raw training sentences, ideally from the domain the model serves (no labels needed).
-        args (`SentenceTransformerTrainingArguments`, *optional*): default one epoch, batch 32, lr 5e-5, no
+        args (`SentenceTransformerTrainingArguments`, *optional*): default one epoch, batch 32, lr 5e-5 (10% warmup), no
             checkpoints, under `rmtkd_st_distill/`.
         distance (`str`, *optional*, defaults to `"cosine"`): `"cosine"` (1 - cosine, sentence-transformers' default
             for `EmbedDistillLoss`), `"mse"` (its `MSELoss`, the multilingual-distillation recipe) or `"l2"`.
@@ -186,7 +186,7 @@ def distill_sentence_transformer(
     if args is None:
         args = SentenceTransformerTrainingArguments(
             output_dir="rmtkd_st_distill", num_train_epochs=1, per_device_train_batch_size=32, learning_rate=5e-5,
-            warmup_ratio=0.1, save_strategy="no", report_to="none", logging_steps=50,
+            warmup_steps=0.1, save_strategy="no", report_to="none", logging_steps=50,
         )  # fmt: skip
     trainer = SentenceTransformerTrainer(
         model=student,

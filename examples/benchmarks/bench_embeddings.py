@@ -143,7 +143,7 @@ def main(bench: EmbeddingArguments) -> None:
         began = time.perf_counter()
         args = SentenceTransformerTrainingArguments(
             output_dir=str(Path(bench.output_dir) / f"distill-{name}"), num_train_epochs=bench.epochs,
-            per_device_train_batch_size=bench.batch_size, learning_rate=bench.learning_rate, warmup_ratio=0.1,
+            per_device_train_batch_size=bench.batch_size, learning_rate=bench.learning_rate, warmup_steps=0.1,
             save_strategy="no", report_to="none", logging_steps=100, seed=bench.seed, use_cpu=True,
         )  # fmt: skip
         hf_rmtkd.distill_sentence_transformer(student, teacher, texts, args=args, distance=bench.distance)
