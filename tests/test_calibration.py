@@ -174,3 +174,15 @@ def test_statistics_are_summed_across_two_processes():
 def test_statistics_zeros_shapes():
     s = ActivationStatistics.zeros(4)
     assert s.sum_outer.shape == (4, 4) and s.count == 0 and s.dim == 4
+
+
+@pytest.mark.parametrize("width", [100, 576, 1100])
+def test_the_blocked_gram_equals_the_plain_product(width):
+    from hf_rmtkd.calibration import gram
+
+    x = torch.randn(300, width, dtype=torch.float64, generator=torch.Generator().manual_seed(width))
+    result = gram(x)
+    torch.testing.assert_close(result, x.T @ x, rtol=1e-12, atol=1e-10)
+    if width >= 512:  # blocked: the blocks below the diagonal are those above it, transposed
+        half = round(width / (2 if width < 1024 else 4))
+        assert torch.equal(result[half:, :half], result[:half, half:].T)

@@ -104,6 +104,8 @@ def report(rows: dict) -> list[str]:
         "",
         f"## Target: >= 3x faster, same ranks: {'met' if speedup >= 3 and same else 'NOT met'}",
     ]
+    if rows.get("_notes"):
+        lines += ["", rows["_notes"]]
     return lines
 
 
