@@ -222,7 +222,9 @@ def reduce_model(
         chosen = select_sites(model.model, plan.target_modules)
         if chosen:
             bar.set_description(f"RMT-KD reduction: {len(chosen)} sites")
-            analysed = analyze_sites(model.model, calibration_data, chosen, options, bar, plan.ffn_method)
+            analysed = analyze_sites(
+                model.model, calibration_data, chosen, options, bar, plan.ffn_method, keep_vectors=False
+            )
             report = relax_report(analysed, plan.relaxation)
             result.records.update(apply_report(model, report, plan.ffn_method, replaced=replaced))
             sites.update(report)

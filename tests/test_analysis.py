@@ -147,3 +147,19 @@ def test_sites_with_the_same_input_share_one_eigendecomposition(monkeypatch):
     assert len(report) == 5 * layers and len(calls) == 3 * layers
     q, k = report["encoder.layer.0.attention.self.query"], report["encoder.layer.0.attention.self.key"]
     assert q.rank == k.rank and torch.equal(q.eigenvalues, k.eigenvalues)
+
+
+def test_the_pipeline_skips_eigenvectors_only_where_selection_never_reads_them():
+    from hf_rmtkd.analysis import analyze_sites
+
+    model = tiny_model("bert")
+    sites = select_sites(model, None)
+    options = SpectralOptions()
+    full = analyze_sites(model, tiny_batches("bert", 2), sites, options, progress=False)
+    lean = analyze_sites(model, tiny_batches("bert", 2), sites, options, progress=False, keep_vectors=False)
+    for site in sites:
+        assert lean[site.name].rank == full[site.name].rank
+        torch.testing.assert_close(lean[site.name].eigenvalues, full[site.name].eigenvalues, rtol=1e-9, atol=1e-12)
+        expected = (0, 0) if site.kind == "ffn" else full[site.name].eigenvectors.shape
+        assert tuple(lean[site.name].eigenvectors.shape) == tuple(expected)
+    assert any(site.kind == "ffn" for site in sites) and any(site.kind == "linear" for site in sites)
