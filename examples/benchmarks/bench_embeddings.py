@@ -186,8 +186,8 @@ def report(rows: dict) -> list[str]:
     lines += [
         "",
         "Corpus encode: the teacher's time to embed the held-out bodies over the row's (batch 32, CPU, same "
-        "invocation). Not a speed measurement when other jobs shared the cores: this run's rows were timed under "
-        "changing load (the same compressed model before and after distillation gave 1.28x and 2.73x).",
+        "invocation). Not a speed measurement when other jobs shared the cores: these rows were timed under "
+        "changing load, and the same compressed model gave between 1.28x and 2.73x in different invocations.",
     ]
     return lines
 
