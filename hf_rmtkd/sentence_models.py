@@ -78,12 +78,9 @@ def compress_sentence_transformer(
     SentenceTransformer = _require()
     if not isinstance(model, SentenceTransformer):
         model = SentenceTransformer(str(model), device="cpu")
-    if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
-        raise TypeError("A SentenceTransformer is calibrated on raw sentences: pass a list of strings.")
-    sentences = [s for s in sentences if s]
-    if not sentences:
-        raise ValueError("`sentences` is empty: calibration needs text.")
+    sentences = _texts(sentences, "sentences")
     module = transformer_module(model)
+    width = module.model.config.hidden_size
     limit = getattr(module, "max_seq_length", None)
     batches = [
         dict(module.tokenizer(list(sentences[i : i + batch_size]), padding=True, truncation=limit is not None,
@@ -91,19 +88,30 @@ def compress_sentence_transformer(
         for i in range(0, len(sentences), batch_size)
     ]  # fmt: skip
     result = compress(module.model, batches, progress=progress, processing_class=module.tokenizer, **compress_kwargs)
-    if compress_kwargs.get("return_report"):
-        module.model, report = result
-        return model, report
-    module.model = result
-    return model
+    module.model, report = result if compress_kwargs.get("return_report") else (result, None)
+    _record_width(model, width, module.model.model.config.hidden_size)
+    return (model, report) if report is not None else model
+
+
+def _record_width(model, old: int, new: int) -> None:
+    """Tell the modules after the transformer (pooling) that token embeddings are now `new` wide, so the model's
+    `get_embedding_dimension()` and their saved configs say what `encode` returns."""
+    if new == old:
+        return
+    for module in model:
+        if getattr(module, "embedding_dimension", None) == old:
+            module.embedding_dimension = new
+            if hasattr(module, "pooling_output_dimension"):
+                module.pooling_output_dimension = module.pooling_output_dimension // old * new
 
 
 def _texts(sentences: Sequence[str], name: str) -> list[str]:
-    if isinstance(sentences, str):
-        raise TypeError(f"`{name}` must be a sequence of sentences, got one string.")
+    """The non-empty strings of `sentences`; `TypeError` for anything but raw sentences, `ValueError` for none."""
+    if isinstance(sentences, str) or not all(isinstance(s, str) for s in sentences):
+        raise TypeError(f"`{name}`: a SentenceTransformer takes raw sentences, pass a list of strings.")
     texts = [s for s in sentences if s]
     if not texts:
-        raise ValueError(f"`{name}` is empty: distillation needs text.")
+        raise ValueError(f"`{name}` is empty: there is no text to calibrate or distill on.")
     return texts
 
 
@@ -121,7 +129,7 @@ def embedding_targets(teacher, student, sentences: Sequence[str], batch_size: in
     texts = _texts(sentences, "sentences")
     encode = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     target = teacher.encode(texts, **encode).float().cpu()
-    width = int(student.encode(texts[:1], **encode).shape[-1])
+    width = student.get_embedding_dimension()
     if target.shape[1] == width:
         return target
     stream = map_from(transformer_module(student).model, target.shape[1])

@@ -61,6 +61,7 @@ def test_hidden_width_and_options_reach_the_embedding_model(saved_st):
     compress_sentence_transformer(model, _sentences(64, 0), progress=False, hidden_width=True, target_modules=[])
     assert model[0].model.config.hidden_width is not None
     assert model.encode(["good film"]).shape[1] < 32  # the pooled embedding is the narrower stream
+    assert model.get_embedding_dimension() == model.encode(["good film"]).shape[1]  # pooling told the new width
 
 
 def test_loads_with_trust_remote_code_without_hf_rmtkd(saved_st, tmp_path):
