@@ -80,3 +80,32 @@ def distillation_loss(
         # KL(p_teacher || p_student) summed over classes and items.
         kl = F.kl_div(log_student, log_teacher, log_target=True, reduction="sum") * temperature**2 / items
     return DistillationLoss(loss=alpha * ce + (1.0 - alpha) * kl, ce=ce, kl=kl)
+
+
+EMBEDDING_DISTANCES = ("cosine", "mse", "l2")
+
+
+def embedding_distance(student: torch.Tensor, target: torch.Tensor, distance: str = "cosine") -> torch.Tensor:
+    """Per-sentence distance between student and target sentence embeddings, shape `(batch,)`.
+
+    `"cosine"`: `1 - cos(s, t)` (scale-free; sentence-transformers' default for embedding distillation), `"mse"`: the
+    mean squared difference over dimensions (its `MSELoss` recipe), `"l2"`: the Euclidean distance. Summed over a
+    batch and divided by the sentences of the whole accumulated batch, gradient accumulation equals the full batch.
+
+    Args:
+        student (`torch.Tensor` of shape `(batch, dim)`): the student's embeddings (with gradients).
+        target (`torch.Tensor` of shape `(batch, dim)`): the teacher's, already in the student's space.
+        distance (`str`): one of `EMBEDDING_DISTANCES`.
+    """
+    if distance not in EMBEDDING_DISTANCES:
+        raise ValueError(f"`distance` must be one of {EMBEDDING_DISTANCES}, got {distance!r}.")
+    if student.shape != target.shape:
+        raise ValueError(
+            f"Student embeddings {tuple(student.shape)} and targets {tuple(target.shape)} differ in shape."
+        )
+    student, target = student.float(), target.float().to(student.device)
+    if distance == "cosine":
+        return 1.0 - F.cosine_similarity(student, target, dim=-1)
+    if distance == "mse":
+        return (student - target).pow(2).mean(dim=-1)
+    return (student - target).norm(dim=-1)

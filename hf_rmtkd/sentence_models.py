@@ -25,10 +25,8 @@ import torch
 from transformers import PreTrainedModel
 
 from .compression import compress
+from .distillation import EMBEDDING_DISTANCES as DISTANCES
 from .kept_basis import map_from
-
-
-DISTANCES = ("cosine", "mse", "l2")
 
 
 def _require():
@@ -89,20 +87,53 @@ def compress_sentence_transformer(
     ]  # fmt: skip
     result = compress(module.model, batches, progress=progress, processing_class=module.tokenizer, **compress_kwargs)
     module.model, report = result if compress_kwargs.get("return_report") else (result, None)
-    _record_width(model, width, module.model.model.config.hidden_size)
+    if module.model.model.config.hidden_size != width:
+        fold_downstream(downstream_modules(model), map_from(module.model, width).matrix)
     return (model, report) if report is not None else model
 
 
-def _record_width(model, old: int, new: int) -> None:
-    """Tell the modules after the transformer (pooling) that token embeddings are now `new` wide, so the model's
-    `get_embedding_dimension()` and their saved configs say what `encode` returns."""
-    if new == old:
-        return
-    for module in model:
+def downstream_modules(model) -> list:
+    """The modules of a `SentenceTransformer` after its transformer (pooling, dense layers, normalisation)."""
+    modules = list(model)
+    return modules[modules.index(transformer_module(model)) + 1 :]
+
+
+def fold_downstream(modules: list, matrix: torch.Tensor) -> None:
+    """Carry a hidden-width reduction through the modules after the transformer, in place.
+
+    The token embeddings now live in the kept basis: `z ~ h @ matrix`, `matrix` of shape `(old_width, new_width)`.
+    Pooling is told its new width (so `get_embedding_dimension()` and the saved configs are right); the first `Dense`
+    layer, which read `old_width`-wide (or, after concatenated pooling modes, a multiple) sentence embeddings, gets
+    `W @ matrix` as its weight, so its output keeps its width and meaning (exact on the kept subspace). Parameter-free
+    modules (normalisation, dropout) need nothing.
+
+    Raises:
+        `NotImplementedError` for a module with parameters before the first `Dense` (e.g. a `LayerNorm` module), or a
+        residual `Dense`: the reduced width cannot be carried through them.
+    """
+    old, new = matrix.shape
+    for module in modules:
+        kind = type(module).__name__
         if getattr(module, "embedding_dimension", None) == old:
             module.embedding_dimension = new
             if hasattr(module, "pooling_output_dimension"):
                 module.pooling_output_dimension = module.pooling_output_dimension // old * new
+        elif kind == "Dense" and not getattr(module, "use_residual", False) and module.in_features % old == 0:
+            linear = module.linear
+            block = torch.block_diag(*[matrix] * (module.in_features // old)).to(linear.weight)
+            folded = torch.nn.Linear(block.shape[1], linear.out_features, bias=linear.bias is not None)
+            folded.to(linear.weight)
+            with torch.no_grad():
+                folded.weight.copy_(linear.weight @ block)
+                if linear.bias is not None:
+                    folded.bias.copy_(linear.bias)
+            module.linear, module.in_features = folded, block.shape[1]
+            return  # its output has its own width: the modules after it are unchanged
+        elif any(True for _ in module.parameters()):
+            raise NotImplementedError(
+                f"A {kind} module after the transformer reads the {old}-wide embeddings; a hidden-width reduction "
+                f"to {new} cannot be carried through it. Compress without hidden_width."
+            )
 
 
 def _texts(sentences: Sequence[str], name: str) -> list[str]:

@@ -63,6 +63,14 @@ class RMTKDTrainer(Trainer):
         ),
     }
 
+    def __new__(cls, model=None, *args, **kwargs):
+        # A SentenceTransformer (or its folder) has no task head: its run distils embeddings instead of logits.
+        if cls is RMTKDTrainer and model is not None and is_sentence_transformer(model):
+            from .sentence_trainer import RMTKDSentenceTransformerTrainer
+
+            cls = RMTKDSentenceTransformerTrainer
+        return super().__new__(cls)
+
     def __init__(
         self,
         model=None,
@@ -78,13 +86,6 @@ class RMTKDTrainer(Trainer):
             raise TypeError(f"RMTKDTrainer needs RMTKDTrainingArguments, got {type(args).__name__}.")
         if model is None:
             raise ValueError("RMTKDTrainer needs a `model` (model_init is not supported: the reductions change it).")
-        if is_sentence_transformer(model):
-            raise TypeError(
-                "RMTKDTrainer trains models with a task head (its loss is cross-entropy + KL on logits). For a "
-                "SentenceTransformer: `student = hf_rmtkd.compress(model, sentences)`, then "
-                "`hf_rmtkd.distill_sentence_transformer(student, teacher, sentences)` (sentence-transformers' own "
-                "trainer, distilling the teacher's embeddings through the kept basis)."
-            )
         super().__init__(to_rmtkd(model), args, *pos, **kwargs)
         # Our loss divides its sums by `num_items_in_batch` itself; Trainer must not rescale it again.
         self.model_accepts_loss_kwargs = True
@@ -105,13 +106,6 @@ class RMTKDTrainer(Trainer):
                 "RMTKDTrainer does not support FSDP or DeepSpeed yet: their sharded parameters cannot be reshaped in "
                 "place. Use DDP (torchrun / accelerate launch --multi_gpu)."
             )
-        accepted = inspect.signature(self.model.model.forward).parameters
-        if not any("label" in name for name in accepted):
-            raise ValueError(
-                f"{type(self.model.model).__name__} takes no labels and returns no `logits`; RMTKDTrainer needs a model "
-                "with a task head (AutoModelForSequenceClassification, ...ForTokenClassification, ...ForCausalLM, "
-                "...ForImageClassification)."
-            )
         select_sites(self.model.model, args.reduction_target_modules)  # raises on names that match nothing
         if args.reduction_max_metric_drop is not None:
             if self.eval_dataset is None:
@@ -126,19 +120,28 @@ class RMTKDTrainer(Trainer):
                 f"`reduction_metric`={args.reduction_metric!r} must be a key of `Trainer.evaluate()`, which all start "
                 "with 'eval_' (e.g. 'eval_loss', 'eval_accuracy')."
             )
-        dataset = self.train_dataset
-        if dataset is None:
-            return
-        if is_iterable_only(dataset):
+        dataset, example = self.train_dataset, None
+        if dataset is not None and is_iterable_only(dataset):
             if (
                 self.calibration_dataset is None
                 and args.calibration_samples is None
                 and args.reduction_schedule != "none"
             ):
                 calibration_subset(dataset, args)  # raises: says what to set
-            example = None  # not peeked: that could consume a stream
-        else:
-            example = dataset[0] if len(dataset) else None
+            # the first example is not peeked: that could consume a stream
+        elif dataset is not None and len(dataset):
+            example = dataset[0]
+        self._validate_task(example)
+
+    def _validate_task(self, example) -> None:
+        """A task model: a head that takes labels, and labelled training examples (`example` is the first, if any)."""
+        accepted = inspect.signature(self.model.model.forward).parameters
+        if not any("label" in name for name in accepted):
+            raise ValueError(
+                f"{type(self.model.model).__name__} takes no labels and returns no `logits`; RMTKDTrainer needs a model "
+                "with a task head (AutoModelForSequenceClassification, ...ForTokenClassification, ...ForCausalLM, "
+                "...ForImageClassification) or a SentenceTransformer."
+            )
         if isinstance(example, dict) and not any(k in example for k in ("labels", "label", "label_ids")):
             raise ValueError(
                 f"The training dataset has no labels (columns: {sorted(example)}); RMT-KD's loss needs a "
@@ -329,6 +332,9 @@ class RMTKDTrainer(Trainer):
             save_run_extras(self, Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}")
         super()._save_checkpoint(model, trial)
 
+    def _after_restore(self) -> None:
+        """Hook after a resumed run's reduced shapes are rebuilt (what else follows the model's width)."""
+
     def create_model_card(
         self,
         language: str | None = None,
@@ -379,6 +385,7 @@ class RMTKDTrainer(Trainer):
                 raise ValueError(f"No checkpoint found in {self.args.output_dir} to resume from.")
         if resume_from_checkpoint:
             restore_reductions(self, Path(resume_from_checkpoint))
+            self._after_restore()
         output = super().train(
             resume_from_checkpoint=resume_from_checkpoint,
             trial=trial,

@@ -8,6 +8,7 @@ from pathlib import Path
 from transformers import TrainingArguments
 
 from .analysis import SpectralOptions
+from .distillation import EMBEDDING_DISTANCES
 from .surgery import FFN_METHODS
 
 
@@ -49,6 +50,10 @@ class RMTKDTrainingArguments(TrainingArguments):
             Weight of the attention term, >= 0: `KL(teacher || student)` of every layer's attention distributions per
             query, averaged over heads (MiniLM / TinyBERT style). Switches the model and teacher to eager attention
             (the only kind that returns the probabilities). Logged as `attention_loss`.
+        distillation_embedding_distance (`str`, *optional*, defaults to `"cosine"`):
+            For a `SentenceTransformer` (no task head, so no CE / KL): the distance between the student's sentence
+            embeddings and the teacher's (through the kept basis where the width changed), `"cosine"`, `"mse"` or
+            `"l2"`. It replaces the logits loss and is logged as `embedding_loss`.
         reduction_target_modules (`list[str]` or `str`, *optional*):
             Sites to reduce, as `target_modules` of [`hf_rmtkd.analyze`] (name suffixes or a regex); default every
             FFN inner width and every linear layer of the blocks.
@@ -120,6 +125,9 @@ class RMTKDTrainingArguments(TrainingArguments):
     )
     distillation_attention_weight: float = field(
         default=0.0, metadata={"help": "Weight of the attention-distribution KL term, >= 0."}
+    )
+    distillation_embedding_distance: str = field(
+        default="cosine", metadata={"help": "SentenceTransformer models: 'cosine', 'mse' or 'l2' between embeddings."}
     )
     reduction_target_modules: list[str] | None = field(
         default=None, metadata={"help": "Sites to reduce: name suffixes (or one regex); default every site."}
@@ -201,6 +209,9 @@ class RMTKDTrainingArguments(TrainingArguments):
         for name in ("distillation_hidden_weight", "distillation_attention_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+        self._check_choice(
+            "distillation_embedding_distance", self.distillation_embedding_distance, EMBEDDING_DISTANCES
+        )
         if self.reduction_hidden_steps < 1:
             raise ValueError(f"`reduction_hidden_steps` must be >= 1, got {self.reduction_hidden_steps}.")
         if self.reduction_budget_retries < 0:

@@ -7,37 +7,23 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 import torch
-import transformers as tf
-from conftest import tiny_config
-from testing_utils import WORDS, word_tokenizer
+from testing_utils import random_sentences, tiny_sentence_transformer
 
 import hf_rmtkd  # noqa: F401  (registers the RMTKD Auto classes)
 from hf_rmtkd.sentence_models import compress_sentence_transformer, embedding_targets
 
 
 st = pytest.importorskip("sentence_transformers")
-from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer  # noqa: E402
 
 
-def _sentences(n, seed):
-    rng = np.random.default_rng(seed)
-    return [" ".join(rng.choice(WORDS, 6)) for _ in range(n)]
+_sentences = random_sentences
 
 
 @pytest.fixture
 def saved_st(tmp_path):
-    torch.manual_seed(0)
-    config = tiny_config("bert")
-    config.vocab_size = len(WORDS) + 5
-    tf.BertModel(config).save_pretrained(tmp_path / "bert")
-    word_tokenizer(tmp_path / "bert").save_pretrained(tmp_path / "bert")
-    transformer = Transformer(str(tmp_path / "bert"))
-    model = st.SentenceTransformer(modules=[transformer, Pooling(config.hidden_size), Normalize()], device="cpu")
-    model.save(str(tmp_path / "st"))
-    return tmp_path / "st"
+    return tiny_sentence_transformer(tmp_path)
 
 
 def test_compressed_sentence_transformer_saves_and_loads_with_the_same_modules(saved_st, tmp_path):
@@ -114,12 +100,6 @@ def test_compress_accepts_a_sentence_transformer_and_its_folder(saved_st):
     assert same is model and len(report) and type(model[0].model).__name__ == "RMTKDModel"
     with pytest.raises(TypeError, match="raw sentences"):
         hf_rmtkd.compress(str(saved_st), [{"input_ids": torch.ones(2, 3, dtype=torch.long)}], progress=False)
-
-
-def test_the_trainer_points_sentence_transformers_to_embedding_distillation(saved_st):
-    model = st.SentenceTransformer(str(saved_st), device="cpu")
-    with pytest.raises(TypeError, match="distill_sentence_transformer"):
-        hf_rmtkd.RMTKDTrainer(model=model, args=hf_rmtkd.RMTKDTrainingArguments(output_dir="unused"))
 
 
 def test_targets_are_the_teachers_embeddings_at_the_same_width(saved_st):

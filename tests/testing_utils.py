@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import transformers as tf
 from conftest import tiny_config
@@ -21,6 +22,31 @@ def word_tokenizer(folder):
     tokenizer = tf.BertTokenizerFast(vocab=str(folder / "vocab.txt"))
     assert tokenizer("good film")["input_ids"] == [2, 5 + WORDS.index("good"), 5 + WORDS.index("film"), 3]
     return tokenizer
+
+
+def random_sentences(n, seed):
+    """`n` six-word sentences over `WORDS`, seeded."""
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, 6)) for _ in range(n)]
+
+
+def tiny_sentence_transformer(folder, dropout=0.1, dense: int | None = None):
+    """Save a tiny BERT `SentenceTransformer` (Transformer + Pooling [+ Dense] + Normalize) under `folder`/st."""
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
+
+    torch.manual_seed(0)
+    config = tiny_config("bert")
+    config.vocab_size = len(WORDS) + 5
+    config.hidden_dropout_prob = config.attention_probs_dropout_prob = dropout
+    tf.BertModel(config).save_pretrained(folder / "bert")
+    word_tokenizer(folder / "bert").save_pretrained(folder / "bert")
+    modules = [Transformer(str(folder / "bert")), Pooling(config.hidden_size)]
+    if dense is not None:
+        modules.append(Dense(config.hidden_size, dense))
+    model = SentenceTransformer(modules=[*modules, Normalize()], device="cpu")
+    model.save(str(folder / "st"))
+    return folder / "st"
 
 
 def tiny_classifier(seed=0, dropout=0.0):

