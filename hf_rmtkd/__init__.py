@@ -26,6 +26,7 @@ from .modeling_rmtkd import (
 from .models.resnet_cifar import ResNetCifarConfig, ResNetCifarForImageClassification
 from .mp_law import fit_spectrum, mp_density, mp_edges
 from .sentence_models import compress_sentence_transformer, distill_sentence_transformer
+from .sentence_trainer import RMTKDSentenceTransformerTrainer, SentenceCollator
 from .trainer import RMTKDTrainer
 from .training_args import RMTKDTrainingArguments
 
@@ -60,10 +61,12 @@ __all__ = [
     "RMTKDForTokenClassification",
     "RMTKDModel",
     "RMTKDPreTrainedModel",
+    "RMTKDSentenceTransformerTrainer",
     "RMTKDTrainer",
     "RMTKDTrainingArguments",
     "ResNetCifarConfig",
     "ResNetCifarForImageClassification",
+    "SentenceCollator",
     "SiteReport",
     "SpectralOptions",
     "SpectralReport",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import re
+from pathlib import Path
 
 from torch import nn
 from transformers import (
@@ -220,7 +221,9 @@ class RMTKDPreTrainedModel(PreTrainedModel):
         modules they import) are copied beside the weights, so the folder (or a Hub repo made from it) also loads with
         `AutoModelFor<Task>.from_pretrained(path, trust_remote_code=True)` on a machine without hf_rmtkd. The config
         records the sha256 of the weights as written (`weights_sha256`, checked by `from_pretrained`), and the
-        `processing_class` (tokenizer or processor), if any, is saved beside them.
+        `processing_class` (tokenizer or processor), if any, is saved beside them. With `push_to_hub=True` the upload
+        comes last, through [`push_to_hub`] (`repo_id`, default the folder's name; `commit_message`, `private`,
+        `token`, `revision`, `create_pr`), so the Hub gets the finished folder: hash, code and the RMT-KD model card.
         """
         if self.__dict__.get("_rmtkd_int8"):
             raise ValueError(
@@ -228,6 +231,9 @@ class RMTKDPreTrainedModel(PreTrainedModel):
                 "saved as safetensors. Save the float RMTKD model and quantize after loading, or export to ONNX and "
                 "quantize that (hf_rmtkd.quantization.export_onnx_int8)."
             )
+        push = kwargs.pop("push_to_hub", False)
+        hub_keys = ("repo_id", "commit_message", "commit_description", "private", "token", "revision", "create_pr")
+        hub = {key: kwargs.pop(key) for key in hub_keys if key in kwargs}
         self.config.auto_map = dict(AUTO_MAP)
         # No stale hash in the config written with the weights; the new one is written once they are on disk.
         self.config.weights_sha256 = None
@@ -240,6 +246,9 @@ class RMTKDPreTrainedModel(PreTrainedModel):
                 self.config.save_pretrained(save_directory)
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(save_directory)
+        if push and is_main_process:
+            # transformers would upload inside its own save, before the hash, the code and the card exist.
+            self.push_to_hub(hub.pop("repo_id", None) or Path(save_directory).name, **hub)
 
     def push_to_hub(
         self,

@@ -12,7 +12,9 @@ calibration statistics alone (no forward pass), for the surgery that will actual
   reconstructing the others by least squares leaves the Schur complement `C - C[:, S] C[S, S]^-1 C[S, :]`, which is
   `C - L_k L_k^T` for the first `k` pivoted-Cholesky columns `L_k`, so `e(k) = 1 - sum_{j <= k} |W l_j|^2 / tr(W C W^T)`;
 * the hidden width (the residual stream itself, `W = I`): the share of the stream's energy dropped,
-  `sum_{j > k} lambda_j / sum_j lambda_j`.
+  `sum_{j > k} lambda_j / sum_j lambda_j`; for families whose readers see the stream through a norm (RMSNorm
+  decoders), the readers' own errors instead ([`reader_errors`]): the stream's energy is dominated by a few outlier
+  dimensions that the norms' weights largely switch off, so "energy kept" says little about what the layers read.
 
 `C` is centred when the options are (the surgery then moves the mean into the bias). A convolution's weight
 `(out, in, kh, kw)` is read as the `(out * kh * kw, in)` stack of its kernel positions (correlations between
@@ -59,6 +61,39 @@ def projection_errors(weight: torch.Tensor, eigenvalues: torch.Tensor, eigenvect
 def stream_errors(eigenvalues: torch.Tensor) -> torch.Tensor:
     """Relative error `e(k)` of keeping the top-`k` directions of a stream itself (`W = I`); shape `(d + 1,)`."""
     return _tail_errors(eigenvalues.to(torch.float64).clamp_min(0))
+
+
+def reader_errors(
+    weight: torch.Tensor, norm_weight: torch.Tensor, input_moment: torch.Tensor, eigenvectors: torch.Tensor
+) -> torch.Tensor:
+    """Relative output error `e(k)` of a module that reads a normalised stream, when the stream keeps its top-`k`
+    directions, for `k = 0..d`; shape `(d + 1,)`.
+
+    The reader computes `W (g * u)`, with `u = x / rms(x)` the normalised stream and `g` the norm's weight; slicing
+    keeps `P u` (`P = V_k V_k^T`, `V` the stream's eigenvectors). With `S = E[u u^T]` and `A = W diag(g)`,
+    `e(k) = tr(A (I - P) S (I - P) A^T) / tr(A S A^T) = sum_{i, j > k} G_ij S'_ij / total`, where `G = (A V)^T A V`
+    and `S' = V^T S V`, so every `k` costs one suffix sum. The norm's renormalisation after slicing is ignored, and
+    `S` is recovered from the observed input by dividing by `g`: a dimension whose norm weight is exactly 0 is unseen
+    and counts as 0.
+
+    Args:
+        weight (`(out, d)`): the reader's weight (several readers of one norm stacked along `out`).
+        norm_weight (`(d,)`): the norm's weight `g`.
+        input_moment (`(d, d)`): `sum (g * u)(g * u)^T` over the calibration tokens (the reader's observed input;
+            any positive scale).
+        eigenvectors (`(d, d)`, columns, descending eigenvalues): the stream's basis the slice keeps a prefix of.
+    """
+    g = norm_weight.to(torch.float64)
+    safe = torch.where(g.abs() < 1e-12, torch.full_like(g, 1e-12), g)
+    moment = input_moment.to(torch.float64) / torch.outer(safe, safe)
+    basis = eigenvectors.to(torch.float64)
+    rotated = (_as_matrix(weight) * g[None, :]) @ basis
+    products = (rotated.T @ rotated) * (basis.T @ moment @ basis)
+    suffix = products.flip(0).cumsum(0).flip(0).flip(1).cumsum(1).flip(1).diagonal()
+    errors = torch.cat([suffix, torch.zeros(1, dtype=torch.float64)])
+    if errors[0] <= 0:
+        return torch.zeros_like(errors)
+    return (errors / errors[0]).clamp_min(0)
 
 
 def _tail_errors(energy: torch.Tensor) -> torch.Tensor:

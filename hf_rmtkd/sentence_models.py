@@ -7,13 +7,13 @@ checkpoint (with its code and tokenizer) beside `modules.json` and the other mod
 `SentenceTransformer(path)` loads the same modules after `import hf_rmtkd`, or with `trust_remote_code=True` where
 hf_rmtkd is not installed.
 
-Recovery ([`distill_sentence_transformer`]) goes through sentence-transformers' own `SentenceTransformerTrainer` with
-its `EmbedDistillLoss` (the teacher's sentence embeddings as labels), not through [`RMTKDTrainer`]: an embedding model
-has no task head, so RMTKDTrainer's cross-entropy + KL on logits has nothing to act on, while sentence-transformers'
-trainer already handles raw-text columns, the model's modules (pooling, normalisation, dense layers), its evaluators
-(retrieval, similarity) and its own save format. What RMT-KD adds is the target: where the hidden width was reduced,
-the teacher's embedding is taken through the kept basis (`e_teacher @ M`, renormalised when the model normalises), so
-the student is pulled towards the subspace the reduction kept instead of through a learned projection.
+Recovery after `compress` ([`distill_sentence_transformer`]) goes through sentence-transformers' own
+`SentenceTransformerTrainer` with its `EmbedDistillLoss` (the teacher's sentence embeddings as labels, computed once):
+its raw-text columns, evaluators and save format apply unchanged. Compression *while* training is
+[`RMTKDTrainer`] given the `SentenceTransformer` ([`hf_rmtkd.sentence_trainer`]). In both, RMT-KD adds the target:
+where the hidden width was reduced, the teacher's embedding is taken through the kept basis (`e_teacher @ M`,
+renormalised when the model normalises), so the student is pulled towards the subspace the reduction kept instead of
+through a learned projection; a `Dense` layer after pooling is folded instead ([`fold_downstream`]).
 """
 
 from __future__ import annotations

@@ -100,6 +100,19 @@ class TestPushAndLoad:
         )
         assert [c.commit_id for c in api.list_repo_commits(repo_id)] == before
 
+    def test_save_pretrained_with_push_uploads_the_finished_folder(self, tmp_path, compressed):
+        repo_id = _repo_id()
+        compressed.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id=repo_id)
+        local = json.loads((tmp_path / "local" / "config.json").read_text())
+        assert local["weights_sha256"]
+        files = set(HfApi().list_repo_files(repo_id))
+        assert {"config.json", "model.safetensors", "README.md"} | CODE_FILES <= files
+        remote = json.loads(open(huggingface_hub.hf_hub_download(repo_id, "config.json")).read())
+        assert remote["weights_sha256"] == local["weights_sha256"]  # the hash was written before the upload
+        assert "rmt-kd" in huggingface_hub.ModelCard.load(repo_id).data.tags
+        loaded = tf.AutoModelForSequenceClassification.from_pretrained(repo_id)  # verifies that hash
+        assert loaded.num_parameters() == compressed.num_parameters()
+
     def test_older_revision_loads_the_older_weights(self):
         repo_id = _repo_id()
         first, second = _compressed(seed=0), _compressed(seed=1)

@@ -13,7 +13,7 @@ from testing_utils import labelled_dataset, planted_llama, tiny_classifier, toke
 import hf_rmtkd
 from hf_rmtkd import RMTKDTrainer
 from hf_rmtkd.model_card import build_model_card
-from hf_rmtkd.output_error import projection_errors, selection_errors, stream_errors
+from hf_rmtkd.output_error import projection_errors, reader_errors, selection_errors, stream_errors
 from hf_rmtkd.surgery import pivoted_cholesky
 
 
@@ -53,6 +53,48 @@ class TestFormulas:
             mixing = torch.linalg.solve(cov[keep][:, keep], cov[keep, :]).T  # (d, k)
             assert errors[k] == pytest.approx(_measured(weight, x, lambda z: z[:, keep] @ mixing.T), rel=1e-7)
         assert torch.all(errors[1:] <= errors[:-1] + 1e-12)  # more units never hurt
+
+    def test_reader_error_is_the_measured_error_of_a_norm_reader(self):
+        x = _correlated(seed=4)
+        x[:, 0] += 40.0  # an outlier dimension: most of the stream's energy
+        g = torch.Generator().manual_seed(5)
+        norm_weight = torch.rand(12, generator=g, dtype=torch.float64) + 0.5
+        norm_weight[0] = 1e-3  # ... which the norm all but switches off
+        weight = torch.randn(6, 12, generator=g, dtype=torch.float64)
+        values, vectors = torch.linalg.eigh(x.T @ x)
+        values, vectors = values.flip(0), vectors.flip(1)
+        u = x / x.pow(2).mean(1, keepdim=True).sqrt()  # RMSNorm without its weight
+        seen = u * norm_weight  # what calibration observes at the reader's input
+        errors = reader_errors(weight, norm_weight, seen.T @ seen, vectors)
+        a = weight * norm_weight
+        for k in (1, 4, 9):
+            dropped = u - u @ vectors[:, :k] @ vectors[:, :k].T
+            measured = float(((dropped @ a.T) ** 2).sum() / ((u @ a.T) ** 2).sum())
+            assert errors[k] == pytest.approx(measured, rel=1e-6)
+        assert errors[-1] == 0.0
+        # The stream's energy says one direction is enough; the reader, which never sees that direction, disagrees.
+        assert stream_errors(values)[1] < 0.05 and errors[1] > 0.5
+
+    def test_a_decoders_hidden_budget_follows_its_readers_not_the_streams_energy(self):
+        from hf_rmtkd.analysis import SpectralOptions
+        from hf_rmtkd.hidden import residual_statistics
+        from hf_rmtkd.hidden.family import family_for
+
+        model, _ = planted_llama(k=12)
+        with torch.no_grad():  # a massive activation on dimension 0, all but switched off by every norm
+            model.model.embed_tokens.weight[:, 0] += 50.0
+            for norm in [model.model.norm] + [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]:
+                norm.weight[0] = 1e-3
+        family = family_for(model)
+        names = family.budget_inputs(model)
+        assert len(names) == 2 * model.config.num_hidden_layers + 1  # attention and MLP norms of each layer, head
+        pooled, stats = residual_statistics(
+            model, [{"input_ids": token_ids(s)} for s in range(8)], None, False, False, names
+        )
+        report = family.analyze(pooled, model, SpectralOptions())
+        readers = family.output_errors(model, report, stats)
+        assert stream_errors(report.eigenvalues)[1] < 0.05 and readers[1] > 0.5
+        assert float(readers[report.dim]) == 0.0
 
     def test_stream_error_is_the_dropped_energy(self):
         errors = stream_errors(torch.tensor([4.0, 3.0, 2.0, 1.0]))

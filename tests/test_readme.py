@@ -100,4 +100,6 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     sentence = next(i for i, block in enumerate(blocks) if "distill_sentence_transformer" in block)
     exec(blocks[sentence].replace("path/to/sentence-model", str(_sentence_model(tmp_path))), namespace)
     assert (tmp_path / "sentence-model-rmtkd" / "modules.json").is_file()
+    assert namespace["trainer"].reduction_callback.history  # the training route compresses too
+    assert (tmp_path / "sentence-model-rmtkd-trained" / "modules.json").is_file()
     assert {budget, hub, int8, sentence, 0, 1, 2} == set(range(len(blocks))), "a README block that no test runs"

@@ -18,6 +18,7 @@ from torch import nn
 from ..analysis import SiteReport, SpectralOptions, analyze_statistics
 from ..calibration import ActivationStatistics
 from ..kept_basis import StreamMap
+from ..output_error import stream_errors
 from ..records import HIDDEN_SITE
 from ..sites import Site
 
@@ -71,6 +72,17 @@ class HiddenFamily:
     def width_multiple(self, model: nn.Module, options: SpectralOptions) -> int:
         """Every width is a multiple of this (the heads and `options.rank_multiple`)."""
         return math.lcm(options.rank_multiple, model.config.num_attention_heads)
+
+    def budget_inputs(self, model: nn.Module) -> list[str]:
+        """Modules whose input statistics [`output_errors`] needs, observed in the same pass as [`states`]."""
+        return []
+
+    def output_errors(
+        self, model: nn.Module, report: SiteReport, statistics: dict[str, ActivationStatistics]
+    ) -> torch.Tensor:
+        """Relative output error `e(k)` of keeping `k` stream directions, `k = 0..d` (the output-error budget's
+        measure). Default: the share of the stream's own energy dropped ([`hf_rmtkd.output_error.stream_errors`])."""
+        return stream_errors(report.eigenvalues)
 
     def slice(
         self,

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..kept_basis import StreamMap
+from ..output_error import reader_errors
 from .family import HiddenFamily, SliceResult, register_family, top_directions
 from .rebuild import float64_state, rebuild
 
@@ -96,6 +97,37 @@ class LlamaFamily(HiddenFamily):
         prefix, base, _ = _parts(model)
         dot = f"{prefix}." if prefix else ""
         return [f"{dot}layers.{i}" for i in range(len(base.layers))] + [f"{dot}norm"]
+
+    def _readers(self, model: nn.Module) -> list[tuple[str, list[nn.Module], nn.Module]]:
+        """`(module whose input is the norm's output, the readers of that norm, the norm)` per norm."""
+        prefix, base, head = _parts(model)
+        dot = f"{prefix}." if prefix else ""
+        groups = []
+        for i, layer in enumerate(base.layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            readers = [attention.q_proj, attention.k_proj, attention.v_proj]
+            groups.append((f"{dot}layers.{i}.self_attn.q_proj", readers, layer.input_layernorm))
+            groups.append(
+                (f"{dot}layers.{i}.mlp.gate_proj", [mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm)
+            )
+        if head is not None:
+            groups.append((next(n for n, m in model.named_modules() if m is head), [head], base.norm))
+        return groups
+
+    def budget_inputs(self, model: nn.Module) -> list[str]:
+        return [name for name, _, _ in self._readers(model)]
+
+    def output_errors(self, model, report, statistics) -> torch.Tensor:
+        """The mean over the norms' readers (every layer's Q/K/V and gate/up, the head) of their relative output
+        errors ([`hf_rmtkd.output_error.reader_errors`]): each reader weighs the same, whatever its scale."""
+        errors = [
+            reader_errors(
+                torch.cat([r.weight.detach() for r in readers]), norm.weight.detach(),
+                statistics[name].sum_outer, report.eigenvectors,
+            )
+            for name, readers, norm in self._readers(model)
+        ]  # fmt: skip
+        return torch.stack(errors).mean(0)
 
     def slice(self, model, report, width, states, calibration_data, options, progress) -> SliceResult:
         top = top_directions(report, width)

@@ -13,7 +13,7 @@ from torch import nn
 from ..analysis import SiteReport, SpectralOptions, round_rank
 from ..calibration import ActivationStatistics, collect_statistics
 from ..kept_basis import StreamMap
-from ..output_error import budget_site, stream_errors
+from ..output_error import budget_site
 from ..records import HiddenRecord, provenance_of
 from ..relaxation import relax_rank
 from .family import family_for
@@ -30,8 +30,11 @@ def residual_statistics(
     max_samples: int | None = None,
     progress: bool = True,
     return_fingerprint: bool = False,
+    extra: list[str] | tuple[str, ...] = (),
 ):
     """Statistics of the residual stream, pooled (averaged) over its states and per state.
+
+    `extra` names further modules whose input statistics are collected in the same pass (returned with the states').
 
     Returns:
         The pooled statistics, of width `d`, whose `count` is the number of tokens (not tokens x states: every state
@@ -39,7 +42,7 @@ def residual_statistics(
         (keyed by [`stream_states`]); with `return_fingerprint`, also the sha256 of the calibration batches.
     """
     names = family_for(model).states(model)
-    stats, fingerprint = collect_statistics(model, calibration_data, names, max_samples, progress)
+    stats, fingerprint = collect_statistics(model, calibration_data, names + list(extra), max_samples, progress)
     states = [stats[name] for name in names]
     mean_outer = sum(s.sum_outer for s in states) / len(states)
     pooled = ActivationStatistics(mean_outer, sum(s.sum for s in states) / len(states), states[0].count)
@@ -102,12 +105,16 @@ def plan_hidden(
             slicing, e.g. for a baseline); rounded up to a multiple of the heads.
     """
     family = family_for(model)
-    pooled, states, fingerprint = residual_statistics(model, calibration_data, options.max_samples, progress, True)
+    budgeted = options.max_output_error is not None
+    extra = family.budget_inputs(model) if budgeted else []
+    pooled, states, fingerprint = residual_statistics(
+        model, calibration_data, options.max_samples, progress, True, extra
+    )
     report = family.analyze(pooled, model, options)
-    if options.max_output_error is not None:
-        # The stream's own energy dropped (W = I, see hf_rmtkd.output_error).
+    if budgeted:
         multiple = family.width_multiple(model, options)
-        report = budget_site(report, stream_errors(report.eigenvalues), options.max_output_error, multiple)
+        errors = family.output_errors(model, report, states)
+        report = budget_site(report, errors, options.max_output_error, multiple)
     # Progressive width re-estimates the MP width at every step, but never goes below the first estimate: the
     # narrower model's own spectrum would otherwise pull the target down step after step.
     mp_width = max(report.rank, previous.first_mp_width or 0) if previous else report.rank
