@@ -240,7 +240,8 @@ def report(rows: dict) -> list[str]:
         lines += [
             f"- {n}: {r['compress_s']:.0f} s, peak RSS growth {r['peak_rss_growth_mib']:.0f} MiB" for n, r in cost
         ]
-    return lines
+    notes = rows.get("_notes", [])  # remarks added by hand to results.json, kept across invocations
+    return lines + ([""] + notes if notes else [])
 
 
 if __name__ == "__main__":
