@@ -152,8 +152,12 @@ class RMTKDTrainer(Trainer):
         mode = self.args.distillation_teacher
         if mode == "external" and teacher_model is None:
             raise ValueError("`distillation_teacher='external'` needs a `teacher_model`.")
-        if mode == "self" and teacher_model is not None:
-            raise ValueError("A `teacher_model` was given but `distillation_teacher='self'`; set it to 'external'.")
+        if mode != "external" and teacher_model is not None:
+            raise ValueError(
+                f"A `teacher_model` was given but `distillation_teacher={mode!r}`; set it to 'external'."
+            )
+        if mode == "original":
+            return self._take_snapshot()
         if teacher_model is None:
             return None
         return self._freeze(teacher_model.to(self.args.device))

@@ -12,7 +12,7 @@ from .distillation import EMBEDDING_DISTANCES
 from .surgery import FFN_METHODS
 
 
-TEACHERS = ("self", "external")
+TEACHERS = ("self", "original", "external")
 SCHEDULES = ("layerwise", "all_at_once", "none")
 # The one table from training arguments to `SpectralOptions` fields (option -> argument); `seed` comes from `seed`.
 SPECTRAL_FIELDS = {
@@ -41,7 +41,9 @@ class RMTKDTrainingArguments(TrainingArguments):
             Softmax temperature `T` of teacher and student, > 0.
         distillation_teacher (`str`, *optional*, defaults to `"self"`):
             `"self"`: a frozen copy of the model taken just before each reduction (the paper's `p_old`); no copy
-            exists before the first reduction. `"external"`: the `teacher_model` passed to the trainer.
+            exists before the first reduction. `"original"`: a frozen copy of the model as it was given, for the whole
+            run (its states reach the reduced model through the composed kept bases): the targets do not drift with
+            each reduction. `"external"`: the `teacher_model` passed to the trainer.
         distillation_hidden_weight (`float`, *optional*, defaults to 0.0):
             Weight of the hidden-state term, >= 0: per position `||z_s - h_t M||^2 / ||h_t M||^2` averaged over every
             layer's output and the embeddings, with `M` the kept basis where a hidden-width reduction changed the
@@ -119,7 +121,7 @@ class RMTKDTrainingArguments(TrainingArguments):
 
     distillation_alpha: float = field(default=0.7, metadata={"help": "Weight of CE in alpha*CE + (1-alpha)*T^2*KL."})
     distillation_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T, > 0."})
-    distillation_teacher: str = field(default="self", metadata={"help": "'self' (pre-reduction copy) or 'external'."})
+    distillation_teacher: str = field(default="self", metadata={"help": "'self' (pre-reduction copy), 'original' or 'external'."})
     distillation_hidden_weight: float = field(
         default=0.0, metadata={"help": "Weight of the hidden-state term (through the kept basis), >= 0."}
     )

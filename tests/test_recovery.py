@@ -51,6 +51,24 @@ class TestRepresentationTerms:
         trainer.train()
         assert trainer.model.model.config.hidden_size < 32 and max(_logged(trainer, "hidden_loss")) > 1e-3
 
+    def test_the_original_teacher_stays_and_is_seen_through_the_composed_bases(self, tmp_path):
+        # Two hidden-width steps, the model as given as the teacher throughout: exact through Q_1 Q_2 on the plant.
+        weights = dict(distillation_hidden_weight=1.0, learning_rate=0.0, distillation_teacher="original")
+        args = hidden_trainer_args(
+            tmp_path, reduction_target_modules=[], logging_steps=1, reduction_hidden_steps=2, **weights
+        )
+        trainer = RMTKDTrainer(model=_planted(k=8)[0], args=args, train_dataset=_lm_data())
+        teacher = trainer.teacher
+        assert teacher is not None and teacher.model.config.hidden_size == 32  # there from the start
+        trainer.train()
+        widths = [h["sites"]["hidden_size"]["k"] for h in trainer.reduction_callback.history]
+        assert len(widths) == 2 and widths[-1] == 8 == trainer.model.model.config.hidden_size
+        assert trainer.teacher is teacher and teacher.model.config.hidden_size == 32
+        hidden = _logged(trainer, "hidden_loss")
+        assert hidden and max(hidden) < 1e-6
+        with pytest.raises(ValueError, match="set it to 'external'"):
+            RMTKDTrainer(model=_planted(k=8)[0], args=args, train_dataset=_lm_data(), teacher_model=teacher)
+
     def test_encoder_terms_are_logged_and_eval_loss_is_the_task_loss(self, tmp_path):
         args = _args(
             tmp_path,

@@ -110,15 +110,16 @@ def test_the_collator_tokenizes_raw_sentences_with_the_models_own_tokenizer(tmp_
 # -- training --------------------------------------------------------------------------------------------------
 
 
-def test_the_trainer_reduces_a_sentence_transformer_and_distillation_recovers_it(tmp_path):
+@pytest.mark.parametrize("teacher", ["self", "original"])
+def test_the_trainer_reduces_a_sentence_transformer_and_distillation_recovers_it(tmp_path, teacher):
     folder = tiny_sentence_transformer(tmp_path, dropout=0.0)
     train, held_out = random_sentences(256, 0), random_sentences(64, 1)
     losses = {}
     for lr in (0.0, 5e-4):
-        trainer = hf_rmtkd.RMTKDTrainer(
-            model=str(folder), args=_args(tmp_path / str(lr), learning_rate=lr), train_dataset=train,
-            eval_dataset=held_out,
-        )  # fmt: skip
+        args = _args(tmp_path / str(lr), learning_rate=lr, distillation_teacher=teacher)
+        trainer = hf_rmtkd.RMTKDTrainer(model=str(folder), args=args, train_dataset=train, eval_dataset=held_out)
+        if teacher == "original":  # the model as given: the training target and the eval reference from the start
+            assert trainer.teacher is trainer.reference and trainer.teacher.model.config.hidden_size == 32
         assert isinstance(trainer, RMTKDSentenceTransformerTrainer) and isinstance(trainer, hf_rmtkd.RMTKDTrainer)
         assert trainer.evaluate()["eval_loss"] < 1e-6  # before any reduction the model is its own reference
         trainer.train()

@@ -50,6 +50,14 @@ TRAINER_RECIPES = {
         "RMTKDTrainer + hidden width, embedding + hidden-state self-distillation",
         {"reduction_hidden_width": True, "distillation_hidden_weight": 1.0},
     ),
+    "trainer_orig": (
+        "RMTKDTrainer, layerwise schedule, embedding distillation from the original model",
+        {"distillation_teacher": "original"},
+    ),
+    "trainer_hidden_orig": (
+        "RMTKDTrainer + hidden width, embedding distillation from the original model",
+        {"reduction_hidden_width": True, "distillation_teacher": "original"},
+    ),
 }
 
 
