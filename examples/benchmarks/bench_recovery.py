@@ -18,7 +18,12 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except `
 * `dense_student`: what a user would otherwise do: a model of the same depth and the same stream width as the
   `--match` row (the teacher's top principal directions, sliced the same way), every FFN inner width the same and
   chosen to match that row's parameter count (neuron selection), attention heads kept; then distilled from the teacher
-  with the `--match` recipe's losses and budget (no spectral reductions).
+  with the `--match` recipe's losses and budget (no spectral reductions);
+* `svd`: truncated SVD of the teacher's weights at the `--match` row's per-module ranks (a row without the hidden width:
+  SVD cannot narrow the embeddings), then distilled the same way;
+* `layer_drop`: evenly spaced layers of the teacher kept, as many as fit the `--match` row's parameter count, then
+  distilled the same way. (Activation PCA at matched per-site ranks is RMT-KD's own projection without the MP rule,
+  so it has no row of its own.)
 
 Run in the background (about 20-30 minutes per recipe and epoch on 2 CPU cores):
 
@@ -39,6 +44,7 @@ from pathlib import Path
 
 import torch
 from bench_peers import calibration_loader, measure, trainable
+from peers import drop_layers, svd_like
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -71,7 +77,11 @@ RECIPES = {
         },
     ),
 }
-BASELINES = {"dense_student": "dense student (same depth and width, uniform FFN), same losses"}
+BASELINES = {
+    "dense_student": "dense student (same depth and width, uniform FFN), same losses",
+    "svd": "truncated SVD at the matched row's per-module ranks, same losses",
+    "layer_drop": "layer dropping (evenly spaced layers kept) at the matched row's parameters, same losses",
+}
 # Logits-only rows switch the representation terms off explicitly, so the ablation does not follow the defaults.
 OFF = {"distillation_hidden_weight": 0.0, "distillation_attention_weight": 0.0, "reduction_hidden_steps": 1}
 
@@ -159,7 +169,22 @@ def run_baseline(name: str, seed: int, teacher, task, args, rows: dict, match: s
     overrides = RECIPES[match.split("@")[0]][1]
     losses = {k: v for k, v in overrides.items() if k.startswith("distillation_")}
     began = time.perf_counter()
-    model, inner = dense_student(teacher, task, args, target["hidden_size"], target["params"])
+    if name == "dense_student":
+        model, inner = dense_student(teacher, task, args, target["hidden_size"], target["params"])
+        detail = {"hidden_size": target["hidden_size"], "ffn_width": inner}
+    elif name == "svd":
+        if target["hidden_size"] != teacher.config.hidden_size:
+            raise ValueError(
+                f"`--match` {match!r} reduced the hidden width: truncated SVD cannot match its embeddings."
+            )
+        name_, seed_ = match.split("@")
+        reference = task.load_rmtkd(Path(args.output_dir) / f"{name_}-seed{seed_}")
+        model, ranks = svd_like(teacher, reference.config.reduced_modules, reference.model)
+        detail = {"ranks": ranks}
+    else:
+        model, kept = drop_layers(teacher, target["params"])
+        detail = {"kept_blocks": kept}
+    model = trainable(model)
     recipe_args = dataclasses.replace(
         args,
         output_dir=str(Path(args.output_dir) / f"{name}-seed{seed}"),
@@ -173,7 +198,7 @@ def run_baseline(name: str, seed: int, teacher, task, args, rows: dict, match: s
         model=model, args=recipe_args, train_dataset=task.train, data_collator=task.collator, teacher_model=teacher
     )
     trainer.train()
-    detail = {"minutes": (time.perf_counter() - began) / 60, "hidden_size": target["hidden_size"], "ffn_width": inner}
+    detail["minutes"] = (time.perf_counter() - began) / 60
     return trainer.model, {**detail, "matched": match}
 
 
