@@ -183,3 +183,20 @@ def test_bad_input_to_the_sentence_trainer(tmp_path):
     )
     with pytest.raises(ValueError, match="Cannot tell the text column"):
         trainer.train()
+
+
+def test_the_metric_budget_undoes_a_reduction_and_the_modules_follow(tmp_path):
+    # Any move away from the reference breaks a zero budget: the reduction is undone, and the Dense layer unfolds again.
+    folder = tiny_sentence_transformer(tmp_path, dense=16, dropout=0.0)
+    args = _args(
+        tmp_path, num_train_epochs=2, reduction_max_metric_drop=0.0, reduction_budget_retries=1
+    )  # fmt: skip
+    trainer = hf_rmtkd.RMTKDTrainer(
+        model=str(folder), args=args, train_dataset=random_sentences(128, 0), eval_dataset=random_sentences(32, 1)
+    )
+    trainer.train()
+    callback = trainer.reduction_callback
+    assert callback.stopped and callback.history and all(h.get("undone") for h in callback.history)
+    assert trainer.model.model.config.hidden_size == 32
+    dense = next(m for m in trainer.sentence_model if type(m).__name__ == "Dense")
+    assert dense.in_features == 32 and trainer.sentence_model.encode(["good film"]).shape == (1, 16)
