@@ -59,6 +59,32 @@ def add_stream_map(model, stream_map: StreamMap) -> None:
     maps.append(stream_map)
 
 
+def map_between(model, start: int, end: int) -> StreamMap | None:
+    """The composed map of `model`'s recorded reductions from a stream of width `start` to one of width `end`.
+
+    Returns:
+        `None` when `start == end`; else a [`StreamMap`] of shape `(start, end)`.
+
+    Raises:
+        `ValueError` if no recorded chain of reductions leads from `start` to `end`.
+    """
+    if start == end:
+        return None
+    maps = stream_maps(model)
+    for first, stream_map in enumerate(maps):
+        if stream_map.in_width != start:
+            continue
+        matrix, final = stream_map.matrix, stream_map.compare_final
+        for later in maps[first + 1 :]:
+            if matrix.shape[1] == end:
+                break
+            matrix, final = matrix @ later.matrix, final and later.compare_final
+        if matrix.shape[1] == end:
+            return StreamMap(matrix, final)
+    chain = " -> ".join(str(m.in_width) for m in maps) + (f" -> {maps[-1].out_width}" if maps else "(none)")
+    raise ValueError(f"No recorded hidden-width reductions lead from width {start} to {end}: the model's go {chain}.")
+
+
 def map_from(model, width: int) -> StreamMap | None:
     """The composed map from a stream of `width` (a teacher's) to `model`'s current stream.
 

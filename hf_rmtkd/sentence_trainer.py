@@ -27,7 +27,7 @@ import torch
 
 from .compression import to_rmtkd
 from .distillation import embedding_distance
-from .kept_basis import stream_maps
+from .kept_basis import map_between
 from .representation import output_flags, representation_terms
 from .sentence_models import _require, downstream_modules, fold_downstream, transformer_module
 from .trainer import RMTKDTrainer
@@ -155,17 +155,8 @@ class RMTKDSentenceTransformerTrainer(RMTKDTrainer):
         if width == self._origin_width:
             return self._origin
         if width not in self._downstream_cache:
-            matrix = None
-            for stream_map in stream_maps(self.model):
-                if matrix is None and stream_map.in_width != self._origin_width:
-                    continue
-                matrix = stream_map.matrix if matrix is None else matrix @ stream_map.matrix
-                if stream_map.out_width == width:
-                    break
-            if matrix is None or matrix.shape[1] != width:
-                raise ValueError(f"No recorded hidden-width reduction leads from {self._origin_width} to {width}.")
             modules = [copy.deepcopy(m) for m in self._origin]
-            fold_downstream(modules, matrix)
+            fold_downstream(modules, map_between(self.model, self._origin_width, width).matrix)
             self._downstream_cache[width] = [m.to(self.args.device) for m in modules]
         return self._downstream_cache[width]
 
@@ -186,21 +177,17 @@ class RMTKDSentenceTransformerTrainer(RMTKDTrainer):
             flow = module(flow)
         return flow["sentence_embedding"]
 
-    def _target(self, outputs_width: int, teacher_embedding: torch.Tensor, student_dim: int):
+    def _target(self, teacher_width: int, teacher_embedding: torch.Tensor, student_dim: int) -> torch.Tensor:
         """The teacher's embeddings in the student's space: through the kept basis where the widths differ."""
         if teacher_embedding.shape[-1] == student_dim:
             return teacher_embedding
-        matrix = None
-        for stream_map in stream_maps(self.model):
-            if matrix is None and stream_map.in_width != outputs_width:
-                continue
-            matrix = stream_map.matrix if matrix is None else matrix @ stream_map.matrix
-        if matrix is None or matrix.shape[1] != student_dim:
+        stream = map_between(self.model, teacher_width, self.model.model.config.hidden_size)
+        if stream is None or stream.out_width != student_dim:
             raise ValueError(
                 f"The teacher's embeddings have {teacher_embedding.shape[-1]} dimensions and the student's "
                 f"{student_dim}, and no recorded hidden-width reduction maps one to the other."
             )
-        target = teacher_embedding.float() @ matrix.to(teacher_embedding.device)
+        target = teacher_embedding.float() @ stream.matrix.to(teacher_embedding.device)
         if any(type(m).__name__ == "Normalize" for m in self._origin):
             target = torch.nn.functional.normalize(target, dim=-1)
         return target

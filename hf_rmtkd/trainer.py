@@ -153,9 +153,7 @@ class RMTKDTrainer(Trainer):
         if mode == "external" and teacher_model is None:
             raise ValueError("`distillation_teacher='external'` needs a `teacher_model`.")
         if mode != "external" and teacher_model is not None:
-            raise ValueError(
-                f"A `teacher_model` was given but `distillation_teacher={mode!r}`; set it to 'external'."
-            )
+            raise ValueError(f"A `teacher_model` was given but `distillation_teacher={mode!r}`; set it to 'external'.")
         if mode == "original":
             return self._take_snapshot()
         if teacher_model is None:

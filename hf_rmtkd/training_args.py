@@ -121,7 +121,9 @@ class RMTKDTrainingArguments(TrainingArguments):
 
     distillation_alpha: float = field(default=0.7, metadata={"help": "Weight of CE in alpha*CE + (1-alpha)*T^2*KL."})
     distillation_temperature: float = field(default=1.0, metadata={"help": "Softmax temperature T, > 0."})
-    distillation_teacher: str = field(default="self", metadata={"help": "'self' (pre-reduction copy), 'original' or 'external'."})
+    distillation_teacher: str = field(
+        default="self", metadata={"help": "'self' (pre-reduction copy), 'original' or 'external'."}
+    )
     distillation_hidden_weight: float = field(
         default=0.0, metadata={"help": "Weight of the hidden-state term (through the kept basis), >= 0."}
     )

@@ -7,7 +7,7 @@ from conftest import tiny_config
 
 from hf_rmtkd.hidden.encoder import encoder_basis
 from hf_rmtkd.hidden.gpt2 import slice_gpt2
-from hf_rmtkd.kept_basis import StreamMap, add_stream_map, map_from
+from hf_rmtkd.kept_basis import StreamMap, add_stream_map, map_between, map_from
 from hf_rmtkd.representation import attention_loss, count_items, hidden_state_loss, layer_map
 
 
@@ -122,5 +122,10 @@ class TestThroughRealModels:
         assert map_from(holder, 32).compare_final is False and map_from(holder, 16).matrix.shape == (16, 8)
         with pytest.raises(ValueError, match="no map between them"):
             map_from(holder, 24)
+        # Part of the chain: the first step alone, and none at all for equal widths.
+        assert torch.allclose(map_between(holder, 32, 16).matrix, first) and map_between(holder, 16, 16) is None
+        assert torch.allclose(map_between(holder, 32, 8).matrix, first @ second, atol=1e-6)
+        with pytest.raises(ValueError, match="lead from width 16 to 32"):
+            map_between(holder, 16, 32)
         with pytest.raises(ValueError, match="cannot follow"):
             add_stream_map(holder, StreamMap(first))
