@@ -51,6 +51,7 @@ class RMTKDTrainer(Trainer):
     reduced parameters start with fresh moments. The learning-rate schedule continues where it was.
     """
 
+    default_teacher = "self"  # `distillation_teacher` when unset: the paper's pre-reduction copy
     _tag_names = TAGS
     _name = "RMT-KD"
     _paper = {
@@ -86,6 +87,9 @@ class RMTKDTrainer(Trainer):
             raise TypeError(f"RMTKDTrainer needs RMTKDTrainingArguments, got {type(args).__name__}.")
         if model is None:
             raise ValueError("RMTKDTrainer needs a `model` (model_init is not supported: the reductions change it).")
+        if args.distillation_teacher is None:
+            args = copy.copy(args)  # the caller's object keeps its None for the next trainer
+            args.distillation_teacher = "external" if teacher_model is not None else self.default_teacher
         super().__init__(to_rmtkd(model), args, *pos, **kwargs)
         # Our loss divides its sums by `num_items_in_batch` itself; Trainer must not rescale it again.
         self.model_accepts_loss_kwargs = True

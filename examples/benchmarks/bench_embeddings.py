@@ -43,20 +43,26 @@ RECIPES = {
     "hidden": ("RMT-KD + hidden width", {"hidden_width": True}),
 }
 # In-training rows: `RMTKDTrainer` given the SentenceTransformer (scheduled reductions, embedding self-distillation).
+SELF = {"distillation_teacher": "self", "distillation_hidden_weight": 0.0, "distillation_attention_weight": 0.0}
+ORIGINAL = {**SELF, "distillation_teacher": "original"}
 TRAINER_RECIPES = {
-    "trainer": ("RMTKDTrainer, layerwise schedule, embedding self-distillation", {}),
-    "trainer_hidden": ("RMTKDTrainer + hidden width, embedding self-distillation", {"reduction_hidden_width": True}),
+    "trainer": ("RMTKDTrainer, layerwise schedule, embedding self-distillation", SELF),
+    "trainer_hidden": (
+        "RMTKDTrainer + hidden width, embedding self-distillation",
+        {**SELF, "reduction_hidden_width": True},
+    ),
     "trainer_hidden_hid": (
         "RMTKDTrainer + hidden width, embedding + hidden-state self-distillation",
-        {"reduction_hidden_width": True, "distillation_hidden_weight": 1.0},
+        {**SELF, "reduction_hidden_width": True, "distillation_hidden_weight": 1.0},
     ),
-    "trainer_orig": (
-        "RMTKDTrainer, layerwise schedule, embedding distillation from the original model",
-        {"distillation_teacher": "original"},
-    ),
+    "trainer_orig": ("RMTKDTrainer, layerwise schedule, embedding distillation from the original model", ORIGINAL),
     "trainer_hidden_orig": (
         "RMTKDTrainer + hidden width, embedding distillation from the original model",
-        {"reduction_hidden_width": True, "distillation_teacher": "original"},
+        {**ORIGINAL, "reduction_hidden_width": True},
+    ),
+    "trainer_hidden_defaults": (
+        "RMTKDTrainer + hidden width, defaults (original model; embedding, hidden-state and attention terms)",
+        {"reduction_hidden_width": True},
     ),
 }
 
