@@ -157,9 +157,9 @@ def output_flags(args, student, teacher) -> dict:
     if teacher is None:
         return {}
     flags = {}
-    if args.distillation_hidden_weight > 0:
+    if args.term_weight("hidden") > 0:
         flags["output_hidden_states"] = True
-    if args.distillation_attention_weight > 0:
+    if args.term_weight("attention") > 0:
         flags["output_attentions"] = True
         # Once per model object (a reduction that rebuilds the model gives a new one), not on every step.
         for model in (student, teacher):

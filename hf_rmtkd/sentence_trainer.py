@@ -220,7 +220,7 @@ class RMTKDSentenceTransformerTrainer(RMTKDTrainer):
             mask = features.get("attention_mask")
             extra = representation_terms(flags, self.model, outputs, teacher_outputs, labels, items, mask, False)
             for name, value in extra.items():
-                loss = loss + getattr(self.args, f"distillation_{name}_weight") * value
+                loss = loss + self.args.term_weight(name) * value
             terms.update(extra)
         for name, value in terms.items():
             self._terms.setdefault(f"{name}_loss", []).append(value.detach())

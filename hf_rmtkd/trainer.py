@@ -212,7 +212,7 @@ class RMTKDTrainer(Trainer):
                 flags, self.model, outputs, teacher_outputs, labels, num_items_in_batch, mask, shift
             )
         for name, value in extra.items():
-            loss = loss + getattr(self.args, f"distillation_{name}_weight") * value
+            loss = loss + self.args.term_weight(name) * value
         for name, value in {"ce": terms.ce, "kl": terms.kl, **extra}.items():
             self._terms.setdefault(f"{name}_loss", []).append(value.detach())
         if self.args.average_tokens_across_devices and num_items_in_batch is not None:

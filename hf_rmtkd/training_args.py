@@ -204,9 +204,6 @@ class RMTKDTrainingArguments(TrainingArguments):
             raise ValueError(f"`distillation_temperature` must be > 0, got {self.distillation_temperature}.")
         if self.distillation_teacher is not None:  # None: resolved by the trainer from the model's kind
             self._check_choice("distillation_teacher", self.distillation_teacher, TEACHERS)
-        for name in ("distillation_hidden_weight", "distillation_attention_weight"):
-            if getattr(self, name) is None:
-                setattr(self, name, 1.0 if self.reduction_hidden_width else 0.0)
         self._check_choice("reduction_schedule", self.reduction_schedule, SCHEDULES)
         self.spectral_options()  # validated once, by SpectralOptions, with this class's field names in the message
         self._check_choice("reduction_ffn_method", self.reduction_ffn_method, FFN_METHODS)
@@ -225,8 +222,9 @@ class RMTKDTrainingArguments(TrainingArguments):
                 f"`reduction_max_metric_drop` must be >= 0 or None, got {self.reduction_max_metric_drop}."
             )
         for name in ("distillation_hidden_weight", "distillation_attention_weight"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"`{name}` must be >= 0, got {getattr(self, name)}.")
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value}.")
         self._check_choice(
             "distillation_embedding_distance", self.distillation_embedding_distance, EMBEDDING_DISTANCES
         )
@@ -238,6 +236,15 @@ class RMTKDTrainingArguments(TrainingArguments):
             raise ValueError(f"`reduction_target_params` must be >= 1 or None, got {self.reduction_target_params}.")
         if self.reduction_metric_greater_is_better is None:
             self.reduction_metric_greater_is_better = not self.reduction_metric.endswith("loss")
+
+    def term_weight(self, term: str) -> float:
+        """The weight of a representation term, `"hidden"` or `"attention"`: the field's value, or when it is unset
+        (`None`) 1.0 with `reduction_hidden_width` and 0.0 without. Resolved on use, so `dataclasses.replace(args,
+        reduction_hidden_width=True)` gets the hidden-width default too."""
+        value = getattr(self, f"distillation_{term}_weight")
+        if value is None:
+            return 1.0 if self.reduction_hidden_width else 0.0
+        return float(value)
 
     @staticmethod
     def _check_range(name, value, low, high, allowed):

@@ -284,6 +284,16 @@ class TestArguments:
         ):
             RMTKDTrainingArguments(output_dir=str(tmp_path), **{field: value})
 
+    def test_representation_terms_default_on_with_the_hidden_width_only(self, tmp_path):
+        plain = RMTKDTrainingArguments(output_dir=str(tmp_path))
+        assert plain.term_weight("hidden") == plain.term_weight("attention") == 0.0
+        hidden = dataclasses.replace(plain, reduction_hidden_width=True)  # resolved on use, not at construction
+        assert hidden.term_weight("hidden") == hidden.term_weight("attention") == 1.0
+        chosen = RMTKDTrainingArguments(
+            output_dir=str(tmp_path), reduction_hidden_width=True, distillation_attention_weight=0.0
+        )
+        assert chosen.term_weight("hidden") == 1.0 and chosen.term_weight("attention") == 0.0
+
     def test_every_field_is_documented(self):
         own = [
             f.name
