@@ -243,10 +243,12 @@ class RMTKDSentenceTransformerTrainer(RMTKDTrainer):
 
     def undo_reduction(self, final=False):
         super().undo_reduction(final)
+        self._downstream_cache.clear()  # a retry may reach a cached width through another basis
         self._sync_downstream()
 
     def _after_restore(self) -> None:
         """A resumed run: the modules after the transformer are refolded to the checkpoint's width."""
+        self._downstream_cache.clear()
         self._sync_downstream()
 
     def _save(self, output_dir=None, state_dict=None):
