@@ -82,31 +82,27 @@ def map_between(model, start: int, end: int) -> StreamMap | None:
         if matrix.shape[1] == end:
             return StreamMap(matrix, final)
     chain = " -> ".join(str(m.in_width) for m in maps) + (f" -> {maps[-1].out_width}" if maps else "(none)")
-    raise ValueError(f"No recorded hidden-width reductions lead from width {start} to {end}: the model's go {chain}.")
+    raise ValueError(
+        f"No recorded hidden-width reductions lead from width {start} to {end} (no map between them): the model's "
+        f"go {chain}."
+    )
 
 
 def map_from(model, width: int) -> StreamMap | None:
-    """The composed map from a stream of `width` (a teacher's) to `model`'s current stream.
+    """The composed map from a stream of `width` (a teacher's) to `model`'s current stream ([`map_between`] ending at
+    the current width).
 
     Returns:
-        `None` when `width` is the model's current width (states compare directly); a [`StreamMap`] otherwise.
+        `None` when `width` is the model's current width or nothing was recorded (states compare directly); a
+        [`StreamMap`] otherwise.
 
     Raises:
         `ValueError` if no recorded chain of reductions starts at `width`.
     """
     maps = stream_maps(model)
-    if not maps or maps[-1].out_width == width:
+    if not maps:
         return None
-    for start, first in enumerate(maps):
-        if first.in_width == width:
-            matrix, final = first.matrix, first.compare_final
-            for later in maps[start + 1 :]:
-                matrix, final = matrix @ later.matrix, final and later.compare_final
-            return StreamMap(matrix, final)
-    raise ValueError(
-        f"The teacher's stream has width {width}, but the student's recorded hidden-width reductions go "
-        f"{' -> '.join(str(m.in_width) for m in maps)} -> {maps[-1].out_width}: no map between them."
-    )
+    return map_between(model, width, maps[-1].out_width)
 
 
 def save_stream_maps(model, folder: str | Path) -> None:

@@ -161,17 +161,28 @@ def embedding_targets(teacher, student, sentences: Sequence[str], batch_size: in
     encode = dict(batch_size=batch_size, convert_to_tensor=True, show_progress_bar=False)
     target = teacher.encode(texts, **encode).float().cpu()
     width = student.get_embedding_dimension()
-    if target.shape[1] == width:
+    stream = None if target.shape[1] == width else map_from(transformer_module(student).model, target.shape[1])
+    hint = "; distill a student compressed in this process (its kept basis is not saved with the weights)"
+    return in_student_space(target, stream, width, list(student), hint)
+
+
+def in_student_space(target: torch.Tensor, stream, width: int, modules: Sequence, hint: str = "") -> torch.Tensor:
+    """Teacher embeddings `(n, d_teacher)` in a student's embedding space `(n, width)`: as they are at the same width,
+    else `target @ M` through the kept basis `stream` (a [`~hf_rmtkd.kept_basis.StreamMap`] or `None`), renormalised
+    when `modules` (the student's) include `Normalize`.
+
+    Raises:
+        `ValueError` when the widths differ and `stream` does not map one to the other (`hint` is appended).
+    """
+    if target.shape[-1] == width:
         return target
-    stream = map_from(transformer_module(student).model, target.shape[1])
     if stream is None or stream.out_width != width:
         raise ValueError(
-            f"The teacher's embeddings have {target.shape[1]} dimensions and the student's {width}, and the student "
-            "records no hidden-width reduction between them; distill a student compressed in this process "
-            "(its kept basis is not saved with the weights)."
+            f"The teacher's embeddings have {target.shape[-1]} dimensions and the student's {width}, and the student "
+            f"records no hidden-width reduction between them{hint}."
         )
-    target = target @ stream.matrix
-    if any(type(module).__name__ == "Normalize" for module in student):
+    target = target.float() @ stream.matrix.to(target.device)
+    if any(type(module).__name__ == "Normalize" for module in modules):
         target = torch.nn.functional.normalize(target, dim=-1)
     return target
 

@@ -30,7 +30,7 @@ from .compression import to_rmtkd
 from .distillation import embedding_distance
 from .kept_basis import map_between
 from .representation import output_flags, representation_terms
-from .sentence_models import _require, downstream_modules, fold_downstream, transformer_module
+from .sentence_models import _require, downstream_modules, fold_downstream, in_student_space, transformer_module
 from .trainer import RMTKDTrainer
 
 
@@ -181,21 +181,6 @@ class RMTKDSentenceTransformerTrainer(RMTKDTrainer):
             flow = module(flow)
         return flow["sentence_embedding"]
 
-    def _target(self, teacher_width: int, teacher_embedding: torch.Tensor, student_dim: int) -> torch.Tensor:
-        """The teacher's embeddings in the student's space: through the kept basis where the widths differ."""
-        if teacher_embedding.shape[-1] == student_dim:
-            return teacher_embedding
-        stream = map_between(self.model, teacher_width, self.model.model.config.hidden_size)
-        if stream is None or stream.out_width != student_dim:
-            raise ValueError(
-                f"The teacher's embeddings have {teacher_embedding.shape[-1]} dimensions and the student's "
-                f"{student_dim}, and no recorded hidden-width reduction maps one to the other."
-            )
-        target = teacher_embedding.float() @ stream.matrix.to(teacher_embedding.device)
-        if any(type(m).__name__ == "Normalize" for m in self._origin):
-            target = torch.nn.functional.normalize(target, dim=-1)
-        return target
-
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """`distance(e_s, e_t M)` summed over sentences and divided by the accumulated batch's sentence count, plus
         the weighted hidden / attention terms in training; evaluation: the distance to the reference model alone."""
@@ -208,7 +193,11 @@ class RMTKDSentenceTransformerTrainer(RMTKDTrainer):
             teacher_outputs = teacher(**features, **flags)
             states = teacher_outputs.last_hidden_state
             modules = teacher.__dict__.get("rmtkd_downstream") or self._downstream_at(states.shape[-1])
-            target = self._target(states.shape[-1], self._embed(states, features, modules), student.shape[-1])
+            target = self._embed(states, features, modules)
+            stream = None  # a Dense layer after pooling was folded: the embeddings' widths already agree
+            if target.shape[-1] != student.shape[-1]:
+                stream = map_between(self.model, states.shape[-1], self.model.model.config.hidden_size)
+            target = in_student_space(target, stream, student.shape[-1], self._origin)
         distance = embedding_distance(student, target, self.args.distillation_embedding_distance)
         items = num_items_in_batch if num_items_in_batch is not None else distance.shape[0]
         loss = distance.sum() / items

@@ -102,7 +102,8 @@ def test_the_collator_tokenizes_raw_sentences_with_the_models_own_tokenizer(tmp_
     assert SentenceCollator(model)(["good film"])["input_ids"].shape == (1, 4)
     with pytest.raises(ValueError, match="Cannot tell the text column"):
         SentenceCollator(model)([{"premise": "good", "hypothesis": "bad"}])
-    assert SentenceCollator(model, column="premise")([{"premise": "good", "hypothesis": "bad"}])["input_ids"].shape
+    chosen = SentenceCollator(model, column="premise")([{"premise": "good", "hypothesis": "bad"}])["input_ids"]
+    assert chosen.shape and torch.equal(chosen, model.preprocess(["good"])["input_ids"])
     with pytest.raises(TypeError, match="raw sentences"):
         SentenceCollator(model)([[1, 2, 3]])
 

@@ -35,6 +35,22 @@ def _parts(model: nn.Module):
     return prefix if base is not model else "", base, head
 
 
+def norm_readers(model: nn.Module) -> list[tuple[list[str], str]]:
+    """Per RMSNorm of the stream, `(paths of the linear layers that read its output, the norm's path)`: every layer's
+    Q/K/V (input norm) and gate/up (post-attention norm), and the head, if any (final norm). The one place that says
+    who reads the stream; slicing folds `diag(g) Q` into these readers, the output-error budget weighs them."""
+    prefix, base, head = _parts(model)
+    dot = f"{prefix}." if prefix else ""
+    groups = []
+    for i in range(len(base.layers)):
+        layer = f"{dot}layers.{i}."
+        groups.append(([f"{layer}self_attn.{p}" for p in ("q_proj", "k_proj", "v_proj")], f"{layer}input_layernorm"))
+        groups.append(([f"{layer}mlp.{p}" for p in ("gate_proj", "up_proj")], f"{layer}post_attention_layernorm"))
+    if head is not None:
+        groups.append(([next(n for n, m in model.named_modules() if m is head)], f"{dot}norm"))
+    return groups
+
+
 @torch.no_grad()
 def slice_hidden(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict]:
     """A new model of the same class whose residual stream is `basis^T x`.
@@ -46,7 +62,7 @@ def slice_hidden(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict
     Returns:
         The new model (same device and dtype, eval/train mode kept) and the config overrides that rebuild it.
     """
-    prefix, base, head = _parts(model)
+    prefix, base, _ = _parts(model)
     config = model.config
     d, k = basis.shape
     scale = math.sqrt(d / k)
@@ -69,21 +85,17 @@ def slice_hidden(model: nn.Module, basis: torch.Tensor) -> tuple[nn.Module, dict
 
     state[f"{dot}embed_tokens.weight"] = state[f"{dot}embed_tokens.weight"] @ q
     for i in range(len(base.layers)):
-        layer = f"{dot}layers.{i}."
-        for proj in ("q_proj", "k_proj", "v_proj"):
-            reader(f"{layer}self_attn.{proj}.weight", f"{layer}input_layernorm.weight")
-        for proj in ("gate_proj", "up_proj"):
-            reader(f"{layer}mlp.{proj}.weight", f"{layer}post_attention_layernorm.weight")
-        for name in (f"{layer}self_attn.o_proj", f"{layer}mlp.down_proj"):
+        for name in (f"{dot}layers.{i}.self_attn.o_proj", f"{dot}layers.{i}.mlp.down_proj"):
             writer(f"{name}.weight")
             if f"{name}.bias" in state:
                 state[f"{name}.bias"] = q.T @ state[f"{name}.bias"]
-        for norm in ("input_layernorm", "post_attention_layernorm"):
-            state[f"{layer}{norm}.weight"] = torch.ones(k, dtype=torch.float64)
-    if head is not None:
-        head_name = next(n for n, m in model.named_modules() if m is head)
-        reader(f"{head_name}.weight", f"{dot}norm.weight")
-    state[f"{dot}norm.weight"] = torch.ones(k, dtype=torch.float64)
+    groups = norm_readers(model)
+    for readers, norm in groups:
+        for name in readers:
+            reader(f"{name}.weight", f"{norm}.weight")
+    for _, norm in groups:  # after every reader took its weight: the new norms are plain
+        state[f"{norm}.weight"] = torch.ones(k, dtype=torch.float64)
+    state[f"{dot}norm.weight"] = torch.ones(k, dtype=torch.float64)  # also without a head
     return rebuild(model, overrides, state), overrides
 
 
@@ -98,34 +110,20 @@ class LlamaFamily(HiddenFamily):
         dot = f"{prefix}." if prefix else ""
         return [f"{dot}layers.{i}" for i in range(len(base.layers))] + [f"{dot}norm"]
 
-    def _readers(self, model: nn.Module) -> list[tuple[str, list[nn.Module], nn.Module]]:
-        """`(module whose input is the norm's output, the readers of that norm, the norm)` per norm."""
-        prefix, base, head = _parts(model)
-        dot = f"{prefix}." if prefix else ""
-        groups = []
-        for i, layer in enumerate(base.layers):
-            attention, mlp = layer.self_attn, layer.mlp
-            readers = [attention.q_proj, attention.k_proj, attention.v_proj]
-            groups.append((f"{dot}layers.{i}.self_attn.q_proj", readers, layer.input_layernorm))
-            groups.append(
-                (f"{dot}layers.{i}.mlp.gate_proj", [mlp.gate_proj, mlp.up_proj], layer.post_attention_layernorm)
-            )
-        if head is not None:
-            groups.append((next(n for n, m in model.named_modules() if m is head), [head], base.norm))
-        return groups
-
     def budget_inputs(self, model: nn.Module) -> list[str]:
-        return [name for name, _, _ in self._readers(model)]
+        # A norm's output is its first reader's input.
+        return [readers[0] for readers, _ in norm_readers(model)]
 
     def output_errors(self, model, report, statistics) -> torch.Tensor:
         """The mean over the norms' readers (every layer's Q/K/V and gate/up, the head) of their relative output
         errors ([`hf_rmtkd.output_error.reader_errors`]): each reader weighs the same, whatever its scale."""
+        module = model.get_submodule
         errors = [
             reader_errors(
-                torch.cat([r.weight.detach() for r in readers]), norm.weight.detach(),
-                statistics[name].sum_outer, report.eigenvectors,
+                torch.cat([module(r).weight.detach() for r in readers]), module(norm).weight.detach(),
+                statistics[readers[0]].sum_outer, report.eigenvectors,
             )
-            for name, readers, norm in self._readers(model)
+            for readers, norm in norm_readers(model)
         ]  # fmt: skip
         return torch.stack(errors).mean(0)
 
