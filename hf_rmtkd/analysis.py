@@ -277,8 +277,9 @@ def analyze_sites(
     sites reduced by selection (the reduction pipeline, which never reads them)."""
     from .output_error import apply_output_budget
 
+    outputs = [s.name for s in sites if s.kind == "embedding"]  # a token table's input is ids: its output is read
     stats, fingerprint = collect_statistics(
-        model, calibration_data, [s.name for s in sites], options.max_samples, progress
+        model, calibration_data, [s.name for s in sites], options.max_samples, progress, outputs
     )
     decompositions: list = []
     # compress and the trainer select FFN units from the covariance: their eigenvectors would never be read.

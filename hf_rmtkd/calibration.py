@@ -68,7 +68,7 @@ class StopForward(Exception):
 
 
 class ActivationCollector:
-    """Hooks the inputs of named modules and streams their statistics.
+    """Hooks the inputs of named modules (the outputs of those in `output_names`) and streams their statistics.
 
     Modules that receive the very same input tensor in a forward (Q, K and V, say) share one accumulation. When the
     first batch shows every hooked module running exactly once per forward, later forwards stop right after the last
@@ -79,9 +79,17 @@ class ActivationCollector:
         model (`nn.Module`): the model to observe.
         module_names (`list[str]`): paths of the modules whose inputs are collected.
         max_samples (`int`, *optional*): cap on samples (tokens) per module; later samples are ignored.
+        output_names (`list[str]`, *optional*): of `module_names`, those whose *outputs* are collected (an embedding
+            table, whose input is token ids).
     """
 
-    def __init__(self, model: nn.Module, module_names: list[str], max_samples: int | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        module_names: list[str],
+        max_samples: int | None = None,
+        output_names: list[str] | None = None,
+    ):
         if max_samples is not None and max_samples < 2:
             raise ValueError(f"`max_samples` must be >= 2 or None, got {max_samples}.")
         self.model = model
@@ -94,9 +102,16 @@ class ActivationCollector:
         self._stop_after: str | None = None  # set after the first batch, see the class docstring
         self._batches = 0
         self._names = list(dict.fromkeys(module_names))
+        outputs = set(output_names or ())
         for name in self._names:
             module = model.get_submodule(name)
-            self._handles.append(module.register_forward_pre_hook(self._hook(name, isinstance(module, nn.Conv2d))))
+            hook = self._hook(name, isinstance(module, nn.Conv2d))
+            if name in outputs:
+                self._handles.append(
+                    module.register_forward_hook(lambda module, args, output, h=hook: h(module, (output,)))
+                )
+            else:
+                self._handles.append(module.register_forward_pre_hook(hook))
 
     def _hook(self, name: str, conv: bool):
         def hook(module, args):
@@ -292,6 +307,7 @@ def collect_statistics(
     module_names: list[str],
     max_samples: int | None = None,
     progress: bool = True,
+    output_names: list[str] | None = None,
 ) -> tuple[dict[str, ActivationStatistics], str]:
     """Run `model` over `calibration_data` without gradients and collect input statistics of `module_names`.
 
@@ -304,6 +320,7 @@ def collect_statistics(
         max_samples (`int`, *optional*): cap on samples per module.
         progress (`bool` or `tqdm`, *optional*, defaults to `True`): show a tqdm bar (main process only), or advance
             this one.
+        output_names (`list[str]`, *optional*): of `module_names`, those whose outputs are observed instead.
 
     Returns:
         `(statistics, fingerprint)`: statistics per module (summed over processes when distributed) and the sha256
@@ -312,7 +329,7 @@ def collect_statistics(
     Raises:
         `ValueError` if the data is empty or activations are not finite.
     """
-    collector = ActivationCollector(model, module_names, max_samples)
+    collector = ActivationCollector(model, module_names, max_samples, output_names)
     fingerprint = run_calibration(model, calibration_data, collector, progress)
     reduce_across_processes(collector.stats)
     missing = [name for name in module_names if name not in collector.stats]

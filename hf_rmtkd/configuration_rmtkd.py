@@ -42,10 +42,11 @@ class RMTKDConfig(PreTrainedConfig):
             `to_dict()` of the uncompressed model's config (it carries its `model_type`).
         base_architecture (`str`):
             Class name of the uncompressed model, e.g. `"BertForSequenceClassification"`.
-        reduced_modules (`dict[str, FFNRecord | LinearRecord]`, *optional*):
+        reduced_modules (`dict[str, FFNRecord | LinearRecord | EmbeddingRecord]`, *optional*):
             One typed record per reduced module, keyed by module path inside the base model (see
             [`hf_rmtkd.records`]: `FFNRecord` for the inner width of a feed-forward block, `LinearRecord` for a
-            low-rank factorisation; each with its shape, `rank` and the MP provenance). Dicts (as in `config.json`)
+            low-rank factorisation, `EmbeddingRecord` for a factorised input token table; each with its shape,
+            `rank` and the MP provenance). Dicts (as in `config.json`)
             are converted on construction.
         hidden_width ([`~hf_rmtkd.records.HiddenRecord`], *optional*):
             The residual-stream width reduction, if any: `dim -> rank` and the base-config overrides that rebuild it.
@@ -102,7 +103,9 @@ class RMTKDConfig(PreTrainedConfig):
         and the value."""
         for path, record in self.reduced_modules.items():
             if not isinstance(record, ModuleRecord):
-                raise ValueError(f"`reduced_modules[{path!r}]` must be an FFNRecord or LinearRecord, got {record!r}.")
+                raise ValueError(
+                    f"`reduced_modules[{path!r}]` must be an FFNRecord, LinearRecord or EmbeddingRecord, got {record!r}."
+                )
             record.validate(f"reduced_modules[{path!r}]")
         if self.hidden_width is not None:
             self.hidden_width.validate("hidden_width")

@@ -1,4 +1,5 @@
-"""Reduced module types: the low-rank factorisation `W ~ (W P^T) P` as two dense linears."""
+"""Reduced module types: the low-rank factorisation `W ~ (W P^T) P` as two dense linears, and a factorised
+embedding table."""
 
 from __future__ import annotations
 
@@ -29,3 +30,33 @@ class LowRankLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}"
+
+
+class LowRankEmbedding(nn.Module):
+    """`up(down(ids))`: a `(num_embeddings, rank)` table, then `rank -> embedding_dim`: `rank (V + d)` weights
+    instead of `V d`. The ALBERT factorisation, here with the kept basis of the table's output covariance as `up`.
+
+    Args:
+        num_embeddings (`int`): vocabulary size `V`.
+        embedding_dim (`int`): output width `d`.
+        rank (`int`): inner width `k`.
+        bias (`bool`, *optional*, defaults to `True`): bias on `up` (the mean correction of the dropped directions).
+        padding_idx (`int`, *optional*): as `nn.Embedding`'s, on the `down` table (its row stays zero).
+
+    Shapes: input `(...)` token ids, output `(..., embedding_dim)`.
+    """
+
+    def __init__(
+        self, num_embeddings: int, embedding_dim: int, rank: int, bias: bool = True, padding_idx: int | None = None
+    ):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.padding_idx = padding_idx
+        self.down = nn.Embedding(num_embeddings, rank, padding_idx=padding_idx)
+        self.up = nn.Linear(rank, embedding_dim, bias=bias)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(input_ids))
+
+    def extra_repr(self) -> str:
+        return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}"

@@ -11,6 +11,7 @@ calibration statistics alone (no forward pass), for the surgery that will actual
 * selection (an FFN with `ffn_method="select"`): keeping `k` inner units `S` chosen by pivoted Cholesky and
   reconstructing the others by least squares leaves the Schur complement `C - C[:, S] C[S, S]^-1 C[S, :]`, which is
   `C - L_k L_k^T` for the first `k` pivoted-Cholesky columns `L_k`, so `e(k) = 1 - sum_{j <= k} |W l_j|^2 / tr(W C W^T)`;
+* an embedding table (its output is the site's output, `W = I`): the share of the output's energy dropped;
 * the hidden width (the residual stream itself, `W = I`): the share of the stream's energy dropped,
   `sum_{j > k} lambda_j / sum_j lambda_j`; for families whose readers see the stream through a norm (RMSNorm
   decoders), the readers' own errors instead ([`reader_errors`]): the stream's energy is dominated by a few outlier
@@ -131,8 +132,11 @@ def selection_errors(weight: torch.Tensor, covariance: torch.Tensor, up_to: int 
     return errors
 
 
-def site_errors(site: SiteReport, weight: torch.Tensor, centered: bool, ffn_method: str) -> torch.Tensor:
-    """`e(k)` for `k = 0..dim` of one analysed site, for the surgery that `ffn_method` runs."""
+def site_errors(site: SiteReport, weight: torch.Tensor | None, centered: bool, ffn_method: str) -> torch.Tensor:
+    """`e(k)` for `k = 0..dim` of one analysed site, for the surgery that `ffn_method` runs (an embedding table's
+    own output is the site's output: `W = I`, `weight` unused)."""
+    if site.kind == "embedding":
+        return stream_errors(site.eigenvalues)
     if site.kind == "ffn" and ffn_method == "select":
         return selection_errors(weight, site.statistics.covariance(centered))
     return projection_errors(weight, site.eigenvalues, site.eigenvectors)
@@ -162,7 +166,7 @@ def apply_output_budget(model, report: SpectralReport, ffn_method: str = "select
         return report
     sites = {}
     for name, site in report.items():
-        weight, _ = weight_and_bias(model.get_submodule(name))
+        weight = None if site.kind == "embedding" else weight_and_bias(model.get_submodule(name))[0]
         errors = site_errors(site, weight, options.centered, ffn_method)
         sites[name] = budget_site(site, errors, options.max_output_error, options.rank_multiple)
     return SpectralReport(sites, options, report.fingerprint)

@@ -23,7 +23,7 @@ from .hidden import plan_hidden
 from .kept_basis import add_stream_map, stream_maps
 from .records import HIDDEN_SITE, OPTION_KEYS, ModuleRecord, ReductionRecord
 from .relaxation import relax_report
-from .sites import select_sites
+from .sites import DEFAULT_KINDS, select_sites
 from .surgery import FFN_METHODS, reduce_site
 
 
@@ -43,6 +43,8 @@ class ReductionPlan:
         ffn_method (`str`, *optional*, defaults to `"select"`): FFN surgery, `"select"` or `"project"`.
         relaxation (`float`, *optional*, defaults to 0): share of the way from every MP rank back to the full width,
             in [0, 1) (a metric budget's gentler retry).
+        embeddings (`bool`, *optional*, defaults to `False`): with `target_modules=None`, the input token table is
+            a site too (factorised, [`~hf_rmtkd.layers.LowRankEmbedding`]).
     """
 
     target_modules: str | list[str] | None = None
@@ -50,6 +52,12 @@ class ReductionPlan:
     hidden_width: int | None = None
     ffn_method: str = "select"
     relaxation: float = 0.0
+    embeddings: bool = False
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """Site kinds selected when `target_modules` is `None`."""
+        return (*DEFAULT_KINDS, "embedding") if self.embeddings else DEFAULT_KINDS
 
     def __post_init__(self) -> None:
         if not isinstance(self.hidden_steps_left, int) or self.hidden_steps_left < 0:
@@ -219,7 +227,7 @@ def reduce_model(
                 model.model, config.hidden_width = step.model, step.record
                 add_stream_map(model, step.stream_map)
                 result.records[HIDDEN_SITE] = step.record
-        chosen = select_sites(model.model, plan.target_modules)
+        chosen = select_sites(model.model, plan.target_modules, plan.kinds)
         if chosen:
             bar.set_description(f"RMT-KD reduction: {len(chosen)} sites")
             analysed = analyze_sites(

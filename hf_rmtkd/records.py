@@ -1,11 +1,13 @@
 """What a reduction leaves in `RMTKDConfig`: one typed record per reduced site, with to/from dict and validation here.
 
-Three kinds:
+Four kinds:
 
 * [`FFNRecord`] (`kind="ffn"`): the inner width of a feed-forward (or conv) block: the consumer at `path` and its
   `producers` were narrowed to `rank` channels.
 * [`LinearRecord`] (`kind="linear"`): one linear layer factorised to rank `rank` (`merged` once multiplied back to
   dense for speed by [`hf_rmtkd.latency`]).
+* [`EmbeddingRecord`] (`kind="embedding"`): the input token table factorised as `up(down(ids))` of rank `rank`
+  (`in_features` is the vocabulary size, `out_features` the embedding width).
 * [`HiddenRecord`] (`kind="hidden"`): the width of the whole residual stream; it is not a module, so it has its own
   field of the config (`RMTKDConfig.hidden_width`), and it carries the base-config values that rebuild it.
 
@@ -141,6 +143,14 @@ class LinearRecord(ModuleRecord):
 
 
 @dataclass(kw_only=True)
+class EmbeddingRecord(ModuleRecord):
+    """An input token table `(in_features = V, out_features = d)` factorised as a `(V, rank)` table followed by a
+    `rank -> d` linear map (`bias`: the mean correction of the dropped directions)."""
+
+    kind: ClassVar[str] = "embedding"
+
+
+@dataclass(kw_only=True)
 class HiddenRecord(ReductionRecord):
     """The width of the residual stream: `dim -> rank`.
 
@@ -174,8 +184,10 @@ class HiddenRecord(ReductionRecord):
             raise ValueError(f"`{where}.rank` ({self.rank}) exceeds `dim` ({self.dim}).")
 
 
-RECORD_KINDS: dict[str, type[ReductionRecord]] = {cls.kind: cls for cls in (FFNRecord, LinearRecord, HiddenRecord)}
-MODULE_KINDS = ("ffn", "linear")
+RECORD_KINDS: dict[str, type[ReductionRecord]] = {
+    cls.kind: cls for cls in (FFNRecord, LinearRecord, EmbeddingRecord, HiddenRecord)
+}
+MODULE_KINDS = ("ffn", "linear", "embedding")
 
 
 def record_from_dict(values: dict | ReductionRecord, where: str = "record") -> ReductionRecord:

@@ -1,4 +1,5 @@
-"""Where a model can be reduced: FFN and conv-block inner widths, low-rank `nn.Linear` sites, peft-style matching."""
+"""Where a model can be reduced: FFN and conv-block inner widths, low-rank `nn.Linear` sites, the input embedding
+table, peft-style matching."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layers import LowRankLinear
+from .layers import LowRankEmbedding, LowRankLinear
 
 
 # Feed-forward blocks, as paths relative to their parent: (producers of the inner width, consumer of it).
@@ -31,7 +32,11 @@ LINEAR_TYPES = (nn.Linear, Conv1D)
 # Linear sites: dense layers, and earlier factorisations (refactorised from the dense map they compute).
 REDUCIBLE_LINEAR_TYPES = (*LINEAR_TYPES, LowRankLinear)
 CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d)
-SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D")
+# Embedding sites: the model's input token table (and an earlier factorisation of it, refactorised the same way).
+EMBEDDING_TYPES = (nn.Embedding, LowRankEmbedding)
+LOW_RANK_TYPES = (LowRankLinear, LowRankEmbedding)
+DEFAULT_KINDS = ("ffn", "linear")
+SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D", "torch.nn.Embedding")
 # Linear sites default to the repeated blocks: a path with a layer index. Heads, poolers and embeddings
 # are left alone unless named explicitly.
 _BLOCK_INDEX = re.compile(r"\.\d+\.")
@@ -43,9 +48,10 @@ class Site:
 
     Attributes:
         name (`str`): path of the consumer module; its input covariance drives the reduction.
-        kind (`str`): `"ffn"` (shrink the inner width of a feed-forward block) or `"linear"` (factorise).
+        kind (`str`): `"ffn"` (shrink the inner width of a feed-forward block), `"linear"` (factorise) or
+            `"embedding"` (factorise the input token table; its *output* covariance drives the reduction).
         producers (`list[str]`): for `"ffn"`, the modules whose outputs form the inner width.
-        dim (`int`): width `d` of the consumer's input.
+        dim (`int`): width `d` of the consumer's input (an embedding's output width).
     """
 
     name: str
@@ -56,7 +62,9 @@ class Site:
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """`(in_features, out_features)` of an `nn.Linear`, a GPT-2 `Conv1D` or a `LowRankLinear`; channels of an
-    `nn.Conv2d`/`BatchNorm2d`."""
+    `nn.Conv2d`/`BatchNorm2d`; `(num_embeddings, embedding_dim)` of an embedding table."""
+    if isinstance(module, EMBEDDING_TYPES):
+        return module.num_embeddings, module.embedding_dim
     if isinstance(module, (nn.Linear, LowRankLinear)):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
@@ -107,18 +115,55 @@ def find_ffn_sites(model: nn.Module) -> list[Site]:
 
 
 def _low_rank_paths(model: nn.Module) -> list[str]:
-    return [name for name, module in model.named_modules() if name and isinstance(module, LowRankLinear)]
+    return [name for name, module in model.named_modules() if name and isinstance(module, LOW_RANK_TYPES)]
+
+
+def _tied_to_output(model: nn.Module, table: nn.Module) -> bool:
+    """Whether `table` shares its weight with the model's output embeddings (a tied LM head)."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    weight = getattr(table, "weight", None)
+    return output is not None and weight is not None and getattr(output, "weight", None) is weight
+
+
+def embedding_site(model: nn.Module, name: str) -> Site:
+    """The embedding site of the table at `name`.
+
+    Raises:
+        `ValueError` if the table is tied to the output head: factorising it would change the head too.
+    """
+    table = model.get_submodule(name)
+    if _tied_to_output(model, table):
+        raise ValueError(
+            f"The embedding table {name!r} is tied to the output head of {type(model).__name__}: factorising it "
+            "would change the head too. Embedding reduction needs untied input embeddings."
+        )
+    return Site(name, "embedding", table.embedding_dim)
+
+
+def find_embedding_sites(model: nn.Module) -> list[Site]:
+    """The model's input token table (`get_input_embeddings()`) as an embedding site, if it is one and is not tied
+    to the output head; otherwise none."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    try:
+        table = get_input() if callable(get_input) else None
+    except NotImplementedError:
+        table = None
+    if not isinstance(table, EMBEDDING_TYPES) or _tied_to_output(model, table):
+        return []
+    return [embedding_site(model, name) for name, module in model.named_modules() if module is table][:1]
 
 
 def _inside(name: str, parents: list[str]) -> bool:
     return any(name.startswith(parent + ".") for parent in parents)
 
 
-def find_sites(model: nn.Module, kinds: tuple[str, ...] = ("ffn", "linear")) -> list[Site]:
+def find_sites(model: nn.Module, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list[Site]:
     """All default reduction sites of `model`, in forward (module registration) order.
 
     FFN sites come from `FFN_PATTERNS`; linear sites are the remaining `nn.Linear`/`Conv1D` modules inside the
     repeated blocks (paths with a layer index), so output heads, poolers and embeddings are never touched by default.
+    With `"embedding"` in `kinds`, the input token table is a site too (when it is not tied to the output head).
     A `LowRankLinear` (an earlier factorisation) is one linear site; its `down`/`up` parts never are, so compressing
     a compressed model never nests factorisations.
     """
@@ -135,6 +180,8 @@ def find_sites(model: nn.Module, kinds: tuple[str, ...] = ("ffn", "linear")) -> 
                 and _BLOCK_INDEX.search(f".{name}.")
             ):
                 sites[name] = Site(name, "linear", linear_shape(module)[0])
+    if "embedding" in kinds:
+        sites.update({site.name: site for site in find_embedding_sites(model)})
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return sorted(sites.values(), key=lambda s: order[s.name])
 
@@ -176,7 +223,7 @@ def _why_not(model: nn.Module, target: str | list[str], low_rank: list[str]) -> 
 
 
 def select_sites(
-    model: nn.Module, target_modules: str | list[str] | None = None, kinds: tuple[str, ...] = ("ffn", "linear")
+    model: nn.Module, target_modules: str | list[str] | None = None, kinds: tuple[str, ...] = DEFAULT_KINDS
 ) -> list[Site]:
     """Sites chosen by `target_modules`, with peft's semantics.
 
@@ -185,16 +232,24 @@ def select_sites(
         target_modules (`str` or `list[str]`, *optional*): a regex matched against the full module path, or a list of
             name suffixes (`"query"` matches `encoder.layer.0.attention.self.query`). An FFN site matches through its
             consumer or any producer. A named module that is no default site but is an `nn.Linear` (or a
-            `LowRankLinear`) becomes a linear site; the `down`/`up` parts of a `LowRankLinear` never do. `None`
-            selects every default site of `kinds`; an empty list selects none.
+            `LowRankLinear`) becomes a linear site, an `nn.Embedding` (or `LowRankEmbedding`) an embedding site; the
+            `down`/`up` parts of a factorisation never do. `None` selects every default site of `kinds`; an empty
+            list selects none.
         kinds (`tuple[str, ...]`, *optional*): site kinds considered when `target_modules` is `None`.
 
     Raises:
-        `ValueError` if `target_modules` (a regex), or any entry of the list, selects no site (with close matches);
-        `TypeError` if it names a module of an unsupported type.
+        `ValueError` if `target_modules` (a regex), or any entry of the list, selects no site (with close matches),
+        or if `"embedding"` is asked for a model without an untied input table; `TypeError` if it names a module of
+        an unsupported type.
     """
     if target_modules is None:
-        return find_sites(model, kinds)
+        sites = find_sites(model, kinds)
+        if "embedding" in kinds and not any(site.kind == "embedding" for site in sites):
+            raise ValueError(
+                f"Embedding reduction was asked for, but {type(model).__name__} has no input token table that can be "
+                "factorised (none found by `get_input_embeddings()`, or it is tied to the output head)."
+            )
+        return sites
     if isinstance(target_modules, (list, tuple)) and not target_modules:
         return []
     ffn = find_ffn_sites(model)
@@ -206,6 +261,8 @@ def select_sites(
             continue
         if isinstance(module, REDUCIBLE_LINEAR_TYPES):
             chosen[name] = Site(name, "linear", linear_shape(module)[0])
+        elif isinstance(module, EMBEDDING_TYPES):
+            chosen[name] = embedding_site(model, name)
         elif not any(isinstance(child, LINEAR_TYPES) for child in module.modules()):
             raise TypeError(
                 f"`target_modules` selects {name!r} of type {type(module).__name__}, which cannot be reduced; "

@@ -26,6 +26,12 @@ Linear factorisation (`kind="linear"`): with `P` the top-`k` eigenvectors of the
 saves parameters, `k (d_in + d_out) < d_in d_out`. A `LowRankLinear` site (a second compression) is refactorised the
 same way from the dense map `up.W down.W` it computes, when the new rank is lower than its own; it stays one
 `LowRankLinear` (never nested).
+
+Embedding table (`kind="embedding"`): the statistics are of the table's *output* (the rows the calibration tokens
+look up, so frequent tokens weigh more). With `U` the top-`k` eigenvectors of that covariance and `mu` its mean,
+`E[t] ~ U U^T E[t] + (I - U U^T) mu`: a `(V, k)` table `E U` and a `k -> d` linear map `U` whose bias carries the
+mean of the dropped directions ([`~hf_rmtkd.layers.LowRankEmbedding`]). Tokens the calibration never looked up are
+kept only through the retained directions.
 """
 
 from __future__ import annotations
@@ -35,8 +41,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .hidden_reload import widen_attention
-from .layers import LowRankLinear
-from .records import FFNRecord, HiddenRecord, LinearRecord, ModuleRecord, provenance_of
+from .layers import LowRankEmbedding, LowRankLinear
+from .records import EmbeddingRecord, FFNRecord, HiddenRecord, LinearRecord, ModuleRecord, provenance_of
 from .sites import linear_shape
 
 
@@ -137,7 +143,12 @@ def apply_structure(model: nn.Module, records: dict[str, ModuleRecord], hidden: 
             )
         rank = record.rank
         # The mean correction can give a bias-free layer a bias: the record says which.
-        bias = record.bias if record.bias is not None else consumer.bias is not None
+        bias = record.bias if record.bias is not None else getattr(consumer, "bias", None) is not None
+        if isinstance(record, EmbeddingRecord):
+            reference = next(consumer.parameters())
+            table = LowRankEmbedding(in_features, out_features, rank, bias, consumer.padding_idx)
+            _set_module(model, path, table.to(device=reference.device, dtype=reference.dtype))
+            continue
         if isinstance(record, LinearRecord):
             factory = {"device": consumer.weight.device, "dtype": consumer.weight.dtype}
             if record.merged:
@@ -264,6 +275,37 @@ def _reduce_linear(model: nn.Module, site, centered: bool) -> bool:
     return new_bias is not None
 
 
+def embedding_table(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The `(V, d)` table an `nn.Embedding` or `LowRankEmbedding` looks rows up in (float64, CPU) and its bias."""
+    if isinstance(module, LowRankEmbedding):
+        table = module.down.weight.detach().to(device="cpu", dtype=torch.float64)
+        up, bias = weight_and_bias(module.up)
+        return table @ up.T, bias
+    return module.weight.detach().to(device="cpu", dtype=torch.float64), None
+
+
+def _reduce_embedding(model: nn.Module, site, centered: bool) -> bool:
+    module = model.get_submodule(site.name)
+    table, bias = embedding_table(module)
+    basis = site.eigenvectors[:, : site.rank]  # (d, k), orthonormal columns
+    # The output is t + b; keep U U^T (t + b) and, centred, the dropped directions' mean (I - U U^T) mu.
+    new_bias = None if bias is None else basis @ (basis.T @ bias)
+    if centered:
+        mu = site.statistics.mean
+        offset = mu - basis @ (basis.T @ mu)
+        new_bias = offset if new_bias is None else new_bias + offset
+    reference = next(module.parameters())
+    new = LowRankEmbedding(table.shape[0], table.shape[1], site.rank, new_bias is not None, module.padding_idx)
+    new = new.to(device=reference.device, dtype=reference.dtype)
+    with torch.no_grad():
+        new.down.weight.copy_((table @ basis).to(new.down.weight.dtype))
+        new.up.weight.copy_(basis.to(new.up.weight.dtype))
+        if new_bias is not None:
+            new.up.bias.copy_(new_bias.to(new.up.bias.dtype))
+    _set_module(model, site.name, new)
+    return new_bias is not None
+
+
 def _check_site_matches(model: nn.Module, site, in_features: int) -> None:
     """Refuse an analysis whose widths are not the model's (a stale report, or one from another model)."""
     widths = {site.name: in_features}
@@ -296,10 +338,17 @@ def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str =
         raise ValueError(f"`ffn_method` must be one of {FFN_METHODS}, got {ffn_method!r}.")
     module = model.get_submodule(site.name)
     in_features, out_features = linear_shape(module)
-    _check_site_matches(model, site, in_features)
+    # An embedding site is analysed at its output width.
+    _check_site_matches(model, site, out_features if site.kind == "embedding" else in_features)
     if site.rank >= site.dim:
         return None
-    if site.kind == "linear":
+    if site.kind == "embedding":
+        if not saves_parameters(in_features, out_features, site.rank):
+            return None
+        if isinstance(module, LowRankEmbedding) and site.rank >= module.rank:
+            return None
+        bias = _reduce_embedding(model, site, centered)
+    elif site.kind == "linear":
         if not saves_parameters(in_features, out_features, site.rank):
             return None
         if isinstance(module, LowRankLinear) and site.rank >= module.rank:
@@ -311,4 +360,6 @@ def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str =
     shape = {"in_features": in_features, "out_features": out_features, "rank": site.rank, "bias": bias}
     if site.kind == "ffn":
         return FFNRecord(**shape, **provenance, producers=list(site.producers), ffn_method=ffn_method)
+    if site.kind == "embedding":
+        return EmbeddingRecord(**shape, **provenance)
     return LinearRecord(**shape, **provenance)

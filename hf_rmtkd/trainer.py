@@ -110,7 +110,7 @@ class RMTKDTrainer(Trainer):
                 "RMTKDTrainer does not support FSDP or DeepSpeed yet: their sharded parameters cannot be reshaped in "
                 "place. Use DDP (torchrun / accelerate launch --multi_gpu)."
             )
-        select_sites(self.model.model, args.reduction_target_modules)  # raises on names that match nothing
+        select_sites(self.model.model, args.reduction_target_modules, args.site_kinds())  # raises on bad names
         if args.reduction_max_metric_drop is not None:
             if self.eval_dataset is None:
                 raise ValueError("`reduction_max_metric_drop` needs an `eval_dataset` to measure the drop.")
@@ -239,7 +239,7 @@ class RMTKDTrainer(Trainer):
     # -- reductions -----------------------------------------------------------------------------------------
     def reduction_groups(self) -> list[list[str]]:
         """Site names per scheduled reduction, from `reduction_target_modules` and `reduction_schedule`."""
-        sites = select_sites(self.model.model, self.args.reduction_target_modules)
+        sites = select_sites(self.model.model, self.args.reduction_target_modules, self.args.site_kinds())
         groups = layer_groups(sites, self.args.reduction_schedule)
         if self.args.reduction_hidden_width and self.args.reduction_schedule != "none":
             # First, in `reduction_hidden_steps` steps: every other site's recorded shapes depend on the width.

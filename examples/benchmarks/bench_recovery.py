@@ -14,6 +14,8 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except `
 * `hidden_hid`: + `distillation_hidden_weight` (hidden states through the kept basis);
 * `hidden_att`: + `distillation_attention_weight` (attention distributions);
 * `hidden_both`: both terms;
+* `hidden_emb`: both terms, and the token table factorised as the last scheduled reduction
+  (`reduction_embeddings=True`: at width 144 the table is 76% of the model);
 * `hidden_prog`: both terms and the width reached in `reduction_hidden_steps=3` geometric steps;
 * `dense_student`: what a user would otherwise do: a model of the same depth and the same stream width as the
   `--match` row (the teacher's top principal directions, sliced the same way), every FFN inner width the same and
@@ -66,6 +68,15 @@ RECIPES = {
     "hidden_both": (
         "+ hidden width, + hidden-state and attention KD",
         {**HIDDEN, "distillation_hidden_weight": 1.0, "distillation_attention_weight": 1.0},
+    ),
+    "hidden_emb": (
+        "+ hidden width and factorised token table, + hidden-state and attention KD",
+        {
+            **HIDDEN,
+            "distillation_hidden_weight": 1.0,
+            "distillation_attention_weight": 1.0,
+            "reduction_embeddings": True,
+        },
     ),
     "hidden_prog": (
         "+ hidden width in 3 steps, + hidden-state and attention KD",
