@@ -1,7 +1,8 @@
 """`rmtkd`: the command line.
 
     rmtkd analyze MODEL --data FILE [--plots DIR] [spectral options]
-    rmtkd compress MODEL --data FILE --output DIR [--hidden_width] [--target_modules a b] [--max_output_error 0.05]
+    rmtkd compress MODEL --data FILE --output DIR [--hidden_width] [--embeddings] [--target_modules a b]
+        [--max_output_error 0.05]
     rmtkd push DIR REPO_ID [--private]
 
 Arguments come from the same dataclasses as the Python API ([`SpectralOptions`] for every spectral option), parsed by
@@ -71,6 +72,7 @@ class AnalyzeArguments:
 class CompressArguments:
     output: str = field(metadata={"help": "Folder the compressed checkpoint (and tokenizer) is written to."})
     hidden_width: bool = field(default=False, metadata={"help": "Also reduce the width of the residual stream."})
+    embeddings: bool = field(default=False, metadata={"help": "Also factorise the input token table (not tied ones)."})
     target_modules: list[str] | None = field(
         default=None, metadata={"help": "Site name suffixes; default all; pass 'none' for the hidden width only."}
     )
@@ -172,7 +174,7 @@ def run_compress(model_path: str, argv: list[str]) -> None:
         before = sum(p.numel() for p in model.parameters())
         compress_sentence_transformer(
             model, read_texts(data), batch_size=data.batch_size, target_modules=targets, ffn_method=command.ffn_method,
-            hidden_width=command.hidden_width, **vars(options),
+            hidden_width=command.hidden_width, embeddings=command.embeddings, **vars(options),
         )  # fmt: skip
         model.save(command.output)
         after = sum(p.numel() for p in model.parameters())
@@ -188,6 +190,7 @@ def run_compress(model_path: str, argv: list[str]) -> None:
         target_modules=targets,
         ffn_method=command.ffn_method,
         hidden_width=command.hidden_width,
+        embeddings=command.embeddings,
         processing_class=tokenizer,
         **vars(options),
     )

@@ -83,6 +83,15 @@ def test_compress_options_reach_the_records(model_dir, tmp_path):
     assert config.hidden_width.budget_rank is not None and config.calibration["seed"] == 5
 
 
+def test_compress_embeddings_flag_factorises_the_token_table(model_dir, tmp_path):
+    data, output = _write(tmp_path, "csv"), tmp_path / "compressed"
+    main(["compress", str(model_dir), "--data", str(data), "--output", str(output), "--embeddings"])
+    records = tf.AutoConfig.from_pretrained(output).reduced_modules
+    assert records["bert.embeddings.word_embeddings"].kind == "embedding"
+    model = tf.AutoModelForSequenceClassification.from_pretrained(output)
+    assert type(model.model.bert.embeddings.word_embeddings).__name__ == "LowRankEmbedding"
+
+
 def test_push_uploads_a_checkpoint_that_loads_by_id(model_dir, tmp_path, capsys):
     data, output = _write(tmp_path, "csv"), tmp_path / "compressed"
     main(["compress", str(model_dir), "--data", str(data), "--output", str(output)])

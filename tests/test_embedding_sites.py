@@ -70,6 +70,13 @@ class TestEmbeddingSite:
         assert float(measured) == pytest.approx(record.output_error, rel=1e-3)
         assert sum(p.numel() for p in table.parameters()) == RANK * (VOCAB + 32) + 32
 
+    def test_model_card_row(self):
+        from hf_rmtkd.model_card import reduced_module_rows
+
+        out = compress(planted_classifier(), spread_batches(), embeddings=True, progress=False)
+        row = next(r for r in reduced_module_rows(out.config) if r["name"] == TABLE)
+        assert (row["kind"], row["dim"], row["rank"], row["form"]) == ("embedding", 32, RANK, "factorised table")
+
     def test_left_alone_unless_asked(self):
         out = compress(planted_classifier(), spread_batches(), progress=False)
         assert isinstance(out.model.bert.embeddings.word_embeddings, torch.nn.Embedding)

@@ -4,6 +4,8 @@ Rows: the teacher; `compress` with each noise estimator (the MP rule alone); `co
 `max_output_error` budgets on top of an aggressive estimator (the budget only raises a site's rank above the MP rank,
 so it can cut deeper than the default only from a deeper MP rule); and [`hf_rmtkd.search_output_error`] with a model-level budget of 1 point of accuracy,
 searched on training sentences the teacher was fine-tuned on (the dev set stays unseen), reported on the full dev set.
+With `--embeddings`, the MP-rule and budget rows also factorise the token table (`compress(embeddings=True)`), named
+"... + token table" (no search then).
 
 The teacher is a sequence classifier fine-tuned on SST-2 (e.g. the one `bench_recovery.py` trains on the full
 training set, `outputs/recovery-sst2/teacher`). Resumable: rows accumulate in `<output_dir>/results.json`.
@@ -43,6 +45,7 @@ class BudgetArguments:
         default="mp_fit",
         metadata={"help": "Estimator under the budget rows and the search (the budget only raises its ranks)."},
     )
+    embeddings: bool = field(default=False, metadata={"help": "Also factorise the token table (rows '+ token table')."})
     search_tries: int = field(default=5)
     max_drop_points: float = field(default=1.0, metadata={"help": "The search's accuracy budget, in points."})
     max_length: int = field(default=64)
@@ -95,6 +98,8 @@ def main(bench: BudgetArguments) -> None:
             if b
         }
     )
+    if bench.embeddings:
+        plans = {f"{name} + token table": {**kwargs, "embeddings": True} for name, kwargs in plans.items()}
     for name, kwargs in plans.items():
         if name in rows:
             continue
@@ -106,7 +111,7 @@ def main(bench: BudgetArguments) -> None:
     name = (
         f"MP ({bench.budget_estimator}) + search_output_error (<= {bench.max_drop_points:g} point, training sentences)"
     )
-    if name not in rows:
+    if name not in rows and not bench.embeddings:
         began = time.perf_counter()
         reference = accuracy(teacher, search)
         model, tries = hf_rmtkd.search_output_error(
