@@ -15,8 +15,8 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except `
 * `hidden_att`: + `distillation_attention_weight` (attention distributions);
 * `hidden_both`: both terms;
 * `hidden_emb`: both terms, and the token table factorised as the last scheduled reduction
-  (`reduction_embeddings=True`: at width 144 the table is 76% of the model); `hidden_emb_b10`: the same with every
-  site's rank raised to a relative output error of at most 0.1 (`reduction_max_output_error=0.1`);
+  (`reduction_embeddings=True`: at width 144 the table is 76% of the model); `hidden_emb_b10` / `_b15` / `_b20`: the
+  same with every site's rank raised to a relative output error of at most 0.1 / 0.15 / 0.2 (`reduction_max_output_error`);
 * `hidden_prog`: both terms and the width reached in `reduction_hidden_steps=3` geometric steps;
 * `dense_student`: what a user would otherwise do: a model of the same depth and the same stream width as the
   `--match` row (the teacher's top principal directions, sliced the same way), every FFN inner width the same and
@@ -79,16 +79,6 @@ RECIPES = {
             "reduction_embeddings": True,
         },
     ),
-    "hidden_emb_b10": (
-        "+ hidden width and factorised token table, output-error budget 0.1, + hidden-state and attention KD",
-        {
-            **HIDDEN,
-            "distillation_hidden_weight": 1.0,
-            "distillation_attention_weight": 1.0,
-            "reduction_embeddings": True,
-            "reduction_max_output_error": 0.1,
-        },
-    ),
     "hidden_prog": (
         "+ hidden width in 3 steps, + hidden-state and attention KD",
         {
@@ -104,6 +94,16 @@ BASELINES = {
     "svd": "truncated SVD at the matched row's per-module ranks, same losses",
     "layer_drop": "layer dropping (evenly spaced layers kept) at the matched row's parameters, same losses",
 }
+# The token table with every site's rank raised to a relative output error of at most b.
+RECIPES.update(
+    {
+        f"hidden_emb_b{round(100 * b)}": (
+            f"+ hidden width and factorised token table, output-error budget {b:g}, + hidden-state and attention KD",
+            {**RECIPES["hidden_emb"][1], "reduction_max_output_error": b},
+        )
+        for b in (0.1, 0.15, 0.2)
+    }
+)
 # Logits-only rows switch the representation terms off explicitly, so the ablation does not follow the defaults.
 OFF = {"distillation_hidden_weight": 0.0, "distillation_attention_weight": 0.0, "reduction_hidden_steps": 1}
 
