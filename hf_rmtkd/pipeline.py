@@ -23,7 +23,7 @@ from .hidden import plan_hidden
 from .kept_basis import add_stream_map, stream_maps
 from .records import HIDDEN_SITE, OPTION_KEYS, ModuleRecord, ReductionRecord
 from .relaxation import relax_report
-from .sites import DEFAULT_KINDS, select_sites
+from .sites import select_sites, site_kinds
 from .surgery import FFN_METHODS, reduce_site
 
 
@@ -57,7 +57,7 @@ class ReductionPlan:
     @property
     def kinds(self) -> tuple[str, ...]:
         """Site kinds selected when `target_modules` is `None`."""
-        return (*DEFAULT_KINDS, "embedding") if self.embeddings else DEFAULT_KINDS
+        return site_kinds(self.embeddings)
 
     def __post_init__(self) -> None:
         if not isinstance(self.hidden_steps_left, int) or self.hidden_steps_left < 0:

@@ -36,6 +36,13 @@ CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d)
 EMBEDDING_TYPES = (nn.Embedding, LowRankEmbedding)
 LOW_RANK_TYPES = (LowRankLinear, LowRankEmbedding)
 DEFAULT_KINDS = ("ffn", "linear")
+
+
+def site_kinds(embeddings: bool = False) -> tuple[str, ...]:
+    """The site kinds a reduction selects by default: FFN and linear sites, and the token table with `embeddings`."""
+    return (*DEFAULT_KINDS, "embedding") if embeddings else DEFAULT_KINDS
+
+
 SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D", "torch.nn.Embedding")
 # Linear sites default to the repeated blocks: a path with a layer index. Heads, poolers and embeddings
 # are left alone unless named explicitly.

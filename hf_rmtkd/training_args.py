@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 
 from .analysis import SpectralOptions
 from .distillation import EMBEDDING_DISTANCES
-from .sites import DEFAULT_KINDS
+from .sites import site_kinds
 from .surgery import FFN_METHODS
 
 
@@ -254,7 +254,7 @@ class RMTKDTrainingArguments(TrainingArguments):
 
     def site_kinds(self) -> tuple[str, ...]:
         """Site kinds reduced when `reduction_target_modules` is unset."""
-        return (*DEFAULT_KINDS, "embedding") if self.reduction_embeddings else DEFAULT_KINDS
+        return site_kinds(self.reduction_embeddings)
 
     def term_weight(self, term: str) -> float:
         """The weight of a representation term, `"hidden"` or `"attention"`: the field's value, or when it is unset

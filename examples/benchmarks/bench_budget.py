@@ -45,7 +45,9 @@ class BudgetArguments:
         default="mp_fit",
         metadata={"help": "Estimator under the budget rows and the search (the budget only raises its ranks)."},
     )
-    embeddings: bool = field(default=False, metadata={"help": "Also factorise the token table (rows '+ token table')."})
+    embeddings: bool = field(
+        default=False, metadata={"help": "Also factorise the token table (rows '+ token table')."}
+    )
     search_tries: int = field(default=5)
     max_drop_points: float = field(default=1.0, metadata={"help": "The search's accuracy budget, in points."})
     max_length: int = field(default=64)
