@@ -67,11 +67,10 @@ def _records_describe(model: nn.Module, config: RMTKDConfig) -> bool:
             module = model.get_submodule(path)
         except AttributeError:
             return False
-        if isinstance(record, EmbeddingRecord):
-            if not isinstance(module, LowRankEmbedding) or module.rank != record.rank:
-                return False
-        elif isinstance(record, LinearRecord):
-            if not record.merged and (not isinstance(module, LowRankLinear) or module.rank != record.rank):
+        if isinstance(record, (EmbeddingRecord, LinearRecord)):
+            factorised = LowRankEmbedding if isinstance(record, EmbeddingRecord) else LowRankLinear
+            merged = getattr(record, "merged", False)
+            if not merged and (not isinstance(module, factorised) or module.rank != record.rank):
                 return False
         elif linear_shape(module)[0] != record.rank:
             return False

@@ -132,11 +132,12 @@ def selection_errors(weight: torch.Tensor, covariance: torch.Tensor, up_to: int 
     return errors
 
 
-def site_errors(site: SiteReport, weight: torch.Tensor | None, centered: bool, ffn_method: str) -> torch.Tensor:
-    """`e(k)` for `k = 0..dim` of one analysed site, for the surgery that `ffn_method` runs (an embedding table's
-    own output is the site's output: `W = I`, `weight` unused)."""
+def site_errors(site: SiteReport, module: torch.nn.Module, centered: bool, ffn_method: str) -> torch.Tensor:
+    """`e(k)` for `k = 0..dim` of one analysed site, for the surgery that `ffn_method` runs; `module` is the site's
+    module (its weight is the reader `W`; an embedding table's own output is the site's output, `W = I`)."""
     if site.kind == "embedding":
         return stream_errors(site.eigenvalues)
+    weight, _ = weight_and_bias(module)
     if site.kind == "ffn" and ffn_method == "select":
         return selection_errors(weight, site.statistics.covariance(centered))
     return projection_errors(weight, site.eigenvalues, site.eigenvectors)
@@ -166,7 +167,6 @@ def apply_output_budget(model, report: SpectralReport, ffn_method: str = "select
         return report
     sites = {}
     for name, site in report.items():
-        weight = None if site.kind == "embedding" else weight_and_bias(model.get_submodule(name))[0]
-        errors = site_errors(site, weight, options.centered, ffn_method)
+        errors = site_errors(site, model.get_submodule(name), options.centered, ffn_method)
         sites[name] = budget_site(site, errors, options.max_output_error, options.rank_multiple)
     return SpectralReport(sites, options, report.fingerprint)

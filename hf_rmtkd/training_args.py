@@ -105,7 +105,7 @@ class RMTKDTrainingArguments(TrainingArguments):
             step (`w * (k_MP / w)^(1 / steps left)`) on a spectrum re-estimated after the previous step's recovery.
         reduction_embeddings (`bool`, *optional*, defaults to `False`):
             Also factorise the input token table (a `(V, k)` table and a `k -> d` map, `k` by the MP rule on the
-            table's output over the calibration tokens), as the last scheduled reduction, with the default sites
+            table's output over the calibration tokens), after the blocks (with `layerwise`, the last reduction), with the default sites
             (`reduction_target_modules` unset). The table is most of a small encoder (52% of MiniLM, 76% once its
             width is reduced). Refused for a table tied to the output head.
         reduction_rank_multiple (`int`, *optional*, defaults to 1):

@@ -177,7 +177,12 @@ def dense_student(teacher, task, args, width: int, target_params: int):
     report = analyze_sites(model.model, calibration, sites, options, progress=False)
     per_neuron = 2 * width + 1  # a row of the FFN's input layer, its bias, a column of its output layer
     excess = model.num_parameters() - target_params
-    inner = max(1, sites[0].dim - math.ceil(excess / (len(sites) * per_neuron)))
+    inner = sites[0].dim - math.ceil(excess / (len(sites) * per_neuron))
+    if inner < 1:
+        # A row whose token table was factorised: narrowing the FFNs alone cannot reach its size.
+        raise ValueError(
+            f"A dense student of width {width} cannot be cut to {target_params:,} parameters through its FFN widths."
+        )
     uniform = {n: dataclasses.replace(site, rank=inner) for n, site in report.items()}
     apply_report(model, SpectralReport(uniform, report.options, report.fingerprint))
     return model, inner
