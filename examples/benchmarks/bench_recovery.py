@@ -18,6 +18,9 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except `
   (`reduction_embeddings=True`: at width 144 the table is 76% of the model); `hidden_emb_b10` / `_b15` / `_b20`: the
   same with every site's rank raised to a relative output error of at most 0.1 / 0.15 / 0.2 (`reduction_max_output_error`);
 * `hidden_prog`: both terms and the width reached in `reduction_hidden_steps=3` geometric steps;
+* `hidden_front` / `hidden_emb_front`: `hidden_both` / `hidden_emb` with every reduction done before training
+  (`reduction_schedule="all_at_once"`, `reduction_recovery_steps=1`) and the whole budget distilled from the
+  fine-tuned teacher (`distillation_teacher="original"`): the dense student's schedule and teacher, RMT-KD's ranks;
 * `dense_student`: what a user would otherwise do: a model of the same depth and the same stream width as the
   `--match` row (the teacher's top principal directions, sliced the same way), every FFN inner width the same and
   chosen to match that row's parameter count (neuron selection), attention heads kept; then distilled from the teacher
@@ -89,6 +92,22 @@ RECIPES = {
         },
     ),
 }
+# Every reduction before the first update (hidden width at step 0, every other site at step 1), then the whole budget
+# distilled from the fine-tuned teacher: the dense student's schedule and teacher, with RMT-KD's ranks and bases.
+FRONT = {"reduction_schedule": "all_at_once", "reduction_recovery_steps": 1, "distillation_teacher": "original"}
+RECIPES.update(
+    {
+        "hidden_front": (
+            "+ hidden width, all reductions first, original teacher, + hidden-state and attention KD",
+            {**RECIPES["hidden_both"][1], **FRONT},
+        ),
+        "hidden_emb_front": (
+            "+ hidden width and factorised token table, all reductions first, original teacher, + hidden-state and "
+            "attention KD",
+            {**RECIPES["hidden_emb"][1], **FRONT},
+        ),
+    }
+)
 BASELINES = {
     "dense_student": "dense student (same depth and width, uniform FFN), same losses",
     "svd": "truncated SVD at the matched row's per-module ranks, same losses",
