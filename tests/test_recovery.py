@@ -1,10 +1,12 @@
 """RMTKDTrainer's recovery tools on tiny models: representation terms, progressive width, and the trainer's bad inputs."""
 
+import math
 import shutil
 
 import pytest
 import torch
 import transformers as tf
+from conftest import tiny_config
 from datasets import Dataset, IterableDataset
 from testing_utils import (
     hidden_trainer_args,
@@ -233,3 +235,34 @@ def test_attention_term_is_zero_for_a_copy_despite_attention_dropout(tmp_path):
     assert max(_logged(trainer, "attention_loss")) < 1e-6
     # Eager attention was for training only: the model serves with the implementation it came with.
     assert trainer.model.model.config._attn_implementation == implementation
+
+
+class TestEverythingFirst:
+    def test_all_reductions_before_training_distilled_from_the_original_teacher(self, tmp_path):
+        # The recipe of bench_recovery's `*_front` rows: hidden width at step 0, every other site and the token table
+        # at step 1, then the whole run distils from the model as given, seen through the kept basis.
+        model = tf.BertForSequenceClassification(tiny_config("bert", num_labels=2))
+        args = hidden_trainer_args(
+            tmp_path,
+            reduction_schedule="all_at_once",
+            reduction_warmup_steps=0,
+            reduction_recovery_steps=1,
+            reduction_embeddings=True,
+            distillation_teacher="original",
+            logging_steps=1,
+        )
+        trainer = RMTKDTrainer(model=model, args=args, train_dataset=labelled_dataset(64))
+        teacher = trainer.teacher
+        assert teacher.model.config.hidden_size == 32
+        groups = trainer.reduction_groups()
+        assert groups[0] == [HIDDEN_SITE] and len(groups) == 2 and "bert.embeddings.word_embeddings" in groups[1]
+        trainer.train()
+        history = trainer.reduction_callback.history
+        assert [entry["step"] for entry in history] == [0, 1]
+        width = trainer.model.config.hidden_width.rank
+        assert width < 32 and trainer.teacher is teacher and teacher.model.config.hidden_size == 32
+        assert set(history[1]["reduced"]) == set(groups[1])
+        # Both representation terms ran against the full-width teacher on every step after the reductions.
+        hidden, attention = _logged(trainer, "hidden_loss"), _logged(trainer, "attention_loss")
+        assert len(hidden) == args.max_steps and all(h > 0 and math.isfinite(h) for h in hidden)
+        assert all(a >= 0 and math.isfinite(a) for a in attention)
