@@ -67,6 +67,7 @@ from pathlib import Path
 import torch
 from bench_peers import calibration_loader, measure, trainable
 from peers import drop_layers, svd_like
+from recovery_recipes import BASELINES, OFF, RECIPES, TARGETS
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
@@ -77,88 +78,6 @@ from hf_rmtkd.compression import to_rmtkd
 from hf_rmtkd.pipeline import apply_report, reduce_hidden
 from hf_rmtkd.reporting import machine_line, open_store, publish, report_header
 from hf_rmtkd.sites import select_sites
-
-
-HIDDEN = {"reduction_hidden_width": True}
-RECIPES = {
-    "rmtkd": ("RMT-KD, defaults", {}),
-    "hidden_logits": ("+ hidden width, logits only", {**HIDDEN}),
-    "hidden_hid": ("+ hidden width, + hidden-state KD", {**HIDDEN, "distillation_hidden_weight": 1.0}),
-    "hidden_att": ("+ hidden width, + attention KD", {**HIDDEN, "distillation_attention_weight": 1.0}),
-    "hidden_both": (
-        "+ hidden width, + hidden-state and attention KD",
-        {**HIDDEN, "distillation_hidden_weight": 1.0, "distillation_attention_weight": 1.0},
-    ),
-    "hidden_emb": (
-        "+ hidden width and factorised token table, + hidden-state and attention KD",
-        {
-            **HIDDEN,
-            "distillation_hidden_weight": 1.0,
-            "distillation_attention_weight": 1.0,
-            "reduction_embeddings": True,
-        },
-    ),
-    "hidden_prog": (
-        "+ hidden width in 3 steps, + hidden-state and attention KD",
-        {
-            **HIDDEN,
-            "distillation_hidden_weight": 1.0,
-            "distillation_attention_weight": 1.0,
-            "reduction_hidden_steps": 3,
-        },
-    ),
-}
-# Every reduction before the first update (hidden width at step 0, every other site at step 1), then the whole budget
-# distilled from the fine-tuned teacher: the dense student's schedule and teacher, with RMT-KD's ranks and bases.
-FRONT = {"reduction_schedule": "all_at_once", "reduction_recovery_steps": 1, "distillation_teacher": "original"}
-RECIPES.update(
-    {
-        "hidden_front": (
-            "+ hidden width, all reductions first, original teacher, + hidden-state and attention KD",
-            {**RECIPES["hidden_both"][1], **FRONT},
-        ),
-        "hidden_emb_front": (
-            "+ hidden width and factorised token table, all reductions first, original teacher, + hidden-state and "
-            "attention KD",
-            {**RECIPES["hidden_emb"][1], **FRONT},
-        ),
-        # Budget 0.12 is the one that lands just past 80% fewer here (width 156, table rank 85: 81.6% fewer).
-        "hidden_emb_front_b12": (
-            "+ hidden width and factorised token table, output-error budget 0.12, all reductions first, original "
-            "teacher, + hidden-state and attention KD",
-            {**RECIPES["hidden_emb"][1], **FRONT, "reduction_max_output_error": 0.12},
-        ),
-    }
-)
-# Without the hidden width (the only recipes for a CNN): the hidden term compares block outputs (feature maps).
-RECIPES.update(
-    {
-        "rmtkd_hid": ("RMT-KD, defaults, + hidden-state KD", {"distillation_hidden_weight": 1.0}),
-        "rmtkd_front": (
-            "RMT-KD, defaults, all reductions first, original teacher, + hidden-state KD",
-            {"distillation_hidden_weight": 1.0, **FRONT},
-        ),
-    }
-)
-# Each task's target: (share of whole-model parameters removed, points lost at most).
-TARGETS = {"sst2": (0.8, 1.0), "cifar10": (0.5, 0.5)}
-BASELINES = {
-    "dense_student": "dense student (same depth and width, uniform FFN), same losses",
-    "svd": "truncated SVD at the matched row's per-module ranks, same losses",
-    "layer_drop": "layer dropping (evenly spaced layers kept) at the matched row's parameters, same losses",
-}
-# The token table with every site's rank raised to a relative output error of at most b.
-RECIPES.update(
-    {
-        f"hidden_emb_b{round(100 * b)}": (
-            f"+ hidden width and factorised token table, output-error budget {b:g}, + hidden-state and attention KD",
-            {**RECIPES["hidden_emb"][1], "reduction_max_output_error": b},
-        )
-        for b in (0.1, 0.15, 0.2)
-    }
-)
-# Logits-only rows switch the representation terms off explicitly, so the ablation does not follow the defaults.
-OFF = {"distillation_hidden_weight": 0.0, "distillation_attention_weight": 0.0, "reduction_hidden_steps": 1}
 
 
 @dataclass
