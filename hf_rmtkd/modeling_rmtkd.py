@@ -25,6 +25,7 @@ from transformers.dynamic_module_utils import custom_object_save
 
 from .configuration_rmtkd import RMTKDConfig
 from .integrity import raise_on_bad_weights, safetensors_sha256, verify_weights, weight_files
+from .layers import LowRankEmbedding
 from .records import FFNRecord
 from .surgery import apply_structure
 
@@ -310,6 +311,36 @@ class RMTKDPreTrainedModel(PreTrainedModel):
 
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.model.set_input_embeddings(value)
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None, mean_resizing: bool = True
+    ) -> nn.Module:
+        """As `PreTrainedModel.resize_token_embeddings` (run by the inner model, so an untied LM head follows and a
+        tied one stays tied), with the new vocabulary size written into `config.base_config` and the table's record,
+        so the saved checkpoint reloads. A factorised table ([`LowRankEmbedding`]) resizes its `(V, rank)` table:
+        added rows are initialised as transformers initialises a plain table's, in the rank-`k` space (with
+        `mean_resizing`, from the old rows' mean and covariance there).
+
+        Returns:
+            The input token table (`nn.Embedding` or `LowRankEmbedding`).
+        """
+        table = self.model.get_input_embeddings()
+        factorised = isinstance(table, LowRankEmbedding)
+        if factorised:
+            # transformers resizes an `nn.Embedding` in place: hand it the `(V, rank)` table for the duration.
+            self.model.set_input_embeddings(table.down)
+        try:
+            self.model.resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        finally:
+            if factorised:
+                self.model.set_input_embeddings(table)
+        vocab = self.model.config.vocab_size
+        if factorised:
+            table.num_embeddings, table.padding_idx = vocab, table.down.padding_idx
+            path = next(name for name, module in self.model.named_modules() if module is table)
+            self.config.reduced_modules[path].in_features = vocab
+        self.config.base_config["vocab_size"] = vocab
+        return self.model.get_input_embeddings()
 
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
         return self.model.num_parameters(only_trainable=only_trainable, exclude_embeddings=exclude_embeddings)

@@ -166,3 +166,59 @@ class TestTrainerEmbeddings:
     def test_default_is_off(self):
         assert RMTKDTrainingArguments(output_dir="x").reduction_embeddings is False
         assert hf_rmtkd.LowRankEmbedding is LowRankEmbedding
+
+
+class TestResizeTokenEmbeddings:
+    """Tokens added after compression (special tokens, a chat template): the checkpoint must still reload."""
+
+    def _roundtrip(self, model, tmp_path, auto_class):
+        model.save_pretrained(tmp_path)
+        return auto_class.from_pretrained(tmp_path).eval()
+
+    def test_plain_table_grows_and_reloads(self, tmp_path):
+        compressed = compress(planted_classifier(), spread_batches(), progress=False)
+        ids = spread_batches()[0]
+        before = compressed(**ids).logits
+        table = compressed.resize_token_embeddings(VOCAB + 5)
+        assert isinstance(table, torch.nn.Embedding) and table.num_embeddings == VOCAB + 5
+        assert compressed.config.base_config["vocab_size"] == VOCAB + 5
+        back = self._roundtrip(compressed, tmp_path, tf.AutoModelForSequenceClassification)
+        assert back.get_input_embeddings().num_embeddings == VOCAB + 5
+        torch.testing.assert_close(back(**ids).logits, before)
+        added = {**ids, "input_ids": torch.full_like(ids["input_ids"], VOCAB + 4)}
+        torch.testing.assert_close(back(**added).logits, compressed(**added).logits)
+
+    def test_factorised_table_grows_in_its_rank_space_and_reloads(self, tmp_path):
+        compressed = compress(planted_classifier(), spread_batches(), embeddings=True, progress=False)
+        table = compressed.get_input_embeddings()
+        old_rows = table.down.weight.detach().clone()
+        ids = spread_batches()[0]
+        before = compressed(**ids).logits
+        assert compressed.resize_token_embeddings(VOCAB + 7) is table
+        assert table.down.weight.shape == (VOCAB + 7, RANK) and table.num_embeddings == VOCAB + 7
+        assert compressed.config.reduced_modules[TABLE].in_features == VOCAB + 7
+        torch.testing.assert_close(table.down.weight[:VOCAB], old_rows)
+        # Mean resizing: the added rows sit near the mean of the old ones (transformers samples with 1e-9 covariance).
+        torch.testing.assert_close(table.down.weight[VOCAB:], old_rows.mean(0).expand(7, -1), atol=1e-3, rtol=0)
+        assert table.padding_idx == table.down.padding_idx == compressed.model.config.pad_token_id
+        back = self._roundtrip(compressed, tmp_path, tf.AutoModelForSequenceClassification)
+        torch.testing.assert_close(back(**ids).logits, before)
+        compressed.resize_token_embeddings(VOCAB - 10)  # shrinking drops rows from the end, as for a plain table
+        assert table.down.weight.shape == (VOCAB - 10, RANK)
+        back = self._roundtrip(compressed, tmp_path / "small", tf.AutoModelForSequenceClassification)
+        assert back.get_input_embeddings().num_embeddings == VOCAB - 10
+
+    def test_untied_lm_head_follows_a_factorised_table(self, tmp_path):
+        config = tiny_config("llama")
+        config.tie_word_embeddings = False
+        torch.manual_seed(0)
+        model = tf.LlamaForCausalLM(config).eval()
+        batches = [{"input_ids": torch.randint(0, config.vocab_size, (4, 16))} for _ in range(4)]
+        compressed = compress(model, batches, embeddings=True, progress=False)
+        vocab = config.vocab_size + 3
+        compressed.resize_token_embeddings(vocab)
+        assert compressed.model.get_output_embeddings().weight.shape[0] == vocab
+        back = self._roundtrip(compressed, tmp_path, tf.AutoModelForCausalLM)
+        ids = torch.tensor([[1, 2, vocab - 1]])
+        assert back(input_ids=ids).logits.shape[-1] == vocab
+        torch.testing.assert_close(back(input_ids=ids).logits, compressed(input_ids=ids).logits)
