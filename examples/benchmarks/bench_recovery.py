@@ -7,7 +7,7 @@ a recipe already there is skipped, so the script is resumable and recipes can ru
 (`--recipes`, `--seeds`). Batches are length-grouped (`train_sampling_strategy="group_by_length"`) and dynamically
 padded, which is what makes a full epoch fit a 2-core CPU (the teacher's epoch time is recorded).
 
-Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except `rmtkd`):
+Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except the `rmtkd*` ones):
 
 * `rmtkd`: the library's defaults (FFN and attention sites, layer by layer, no hidden width);
 * `hidden_logits`: + hidden width, logits-only distillation (the loss before representation distillation);
@@ -21,6 +21,9 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except `
 * `hidden_front` / `hidden_emb_front` (`_b12`: budget 0.12): `hidden_both` / `hidden_emb` with every reduction done before training
   (`reduction_schedule="all_at_once"`, `reduction_recovery_steps=1`) and the whole budget distilled from the
   fine-tuned teacher (`distillation_teacher="original"`): the dense student's schedule and teacher, RMT-KD's ranks;
+* `rmtkd_hid` / `rmtkd_front`: the defaults (no hidden width) with the hidden-state term, layer by layer / with
+  every reduction first and the original teacher; the recipes for a CNN, whose hidden term compares block outputs
+  (feature maps, channels unchanged by the reductions, so no map is needed).
 * `dense_student`: what a user would otherwise do: a model of the same depth and the same stream width as the
   `--match` row (the teacher's top principal directions, sliced the same way), every FFN inner width the same and
   chosen to match that row's parameter count (neuron selection), attention heads kept; then distilled from the teacher
@@ -31,21 +34,19 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except `
   distilled the same way. (Activation PCA at matched per-site ranks is RMT-KD's own projection without the MP rule,
   so it has no row of its own.)
 
-* `rmtkd_hid` / `rmtkd_front`: the defaults (no hidden width) with the hidden-state term, layer by layer / with
-  every reduction first and the original teacher; the recipes for a CNN, whose hidden term compares block outputs
-  (feature maps, channels unchanged by the reductions, so no map is needed).
-
 ResNet-56 on CIFAR-10 (`--task cifar10 --checkpoint <akamaster resnet56 .th> --data_dir <cifar10_jpeg>`): the same
 store and report, the target >= 50% fewer parameters at <= 0.5 points; `dense_student` needs a hidden width and is
 refused there, `svd` and `layer_drop` match `--match rmtkd@0` or another row. One training epoch of ResNet-56 takes
 about 6 s per 128 images on one CPU thread (close to an hour per row and epoch with the teacher's forwards), so these
-rows are for a GPU, e.g. (about 10 minutes on an H100 with 16 loader workers, two invocations):
+rows are for a GPU, e.g. (bench_peers' H100 runs of the same epochs took 3-4 minutes per row with 16 loader workers:
+two rows per 10-minute call, each call fine-tuning its own teacher unless the store is still there):
 
     python examples/benchmarks/bench_recovery.py --task cifar10 --checkpoint ../shared/data/resnet_cifar10/resnet56-4bfd9763.th \
         --data_dir ../shared/data/cifar10_jpeg --teacher_epochs 10 --teacher_learning_rate 1e-3 --learning_rate 1e-3 \
         --num_train_epochs 8 --per_device_train_batch_size 128 --calibration_samples 2000 \
-        --dataloader_num_workers 16 --recipes rmtkd,rmtkd_hid,rmtkd_front --output_dir outputs/recovery-cifar10
-    python examples/benchmarks/bench_recovery.py ...same... --recipes svd,layer_drop --match rmtkd_front@0
+        --dataloader_num_workers 16 --recipes rmtkd,rmtkd_front --output_dir outputs/recovery-cifar10
+    python examples/benchmarks/bench_recovery.py ...same... --recipes rmtkd_hid,svd --match rmtkd_front@0
+    python examples/benchmarks/bench_recovery.py ...same... --recipes layer_drop --match rmtkd_front@0
 
 Run in the background (about 20-30 minutes per recipe and epoch on 2 CPU cores):
 
