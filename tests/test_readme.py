@@ -1,6 +1,7 @@
 """The README's Python blocks run as written, in order, on a tiny BERT with a real tokenizer (Hub calls go to the
 loopback test server of conftest.py)."""
 
+import dataclasses
 import re
 
 import numpy as np
@@ -9,6 +10,8 @@ import transformers as tf
 from conftest import REPO_ROOT, tiny_config
 from datasets import Dataset
 from testing_utils import WORDS, word_tokenizer
+
+from hf_rmtkd import RMTKDTrainer
 
 
 def _blocks() -> list[str]:
@@ -102,4 +105,16 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     assert (tmp_path / "sentence-model-rmtkd" / "modules.json").is_file()
     assert namespace["trainer"].reduction_callback.history  # the training route compresses too
     assert (tmp_path / "sentence-model-rmtkd-trained" / "modules.json").is_file()
-    assert {budget, hub, int8, sentence, 0, 1, 2} == set(range(len(blocks))), "a README block that no test runs"
+    high = next(i for i, block in enumerate(blocks) if "high_compression" in block)
+    exec(blocks[high], namespace)  # the high-compression recipe, run briefly on the user's model
+    short = dict(max_steps=4, per_device_train_batch_size=8, use_cpu=True, disable_tqdm=True, calibration_samples=64)
+    args = dataclasses.replace(namespace["high_compression"], **short)
+    trainer = RMTKDTrainer(model=fresh_model(), args=args, train_dataset=namespace["train"])
+    trainer.train()
+    assert [h["step"] for h in trainer.reduction_callback.history] == [0, 1]  # everything first
+    assert (
+        trainer.model.model.config.hidden_size < 32
+        and "bert.embeddings.word_embeddings" in trainer.model.config.ranks()
+    )
+    assert trainer.teacher.model.config.hidden_size == 32  # the original teacher
+    assert {budget, hub, int8, sentence, high, 0, 1, 2} == set(range(len(blocks))), "a README block that no test runs"
