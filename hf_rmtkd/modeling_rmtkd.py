@@ -27,6 +27,7 @@ from .configuration_rmtkd import RMTKDConfig
 from .integrity import raise_on_bad_weights, safetensors_sha256, verify_weights, weight_files
 from .layers import LowRankEmbedding
 from .records import FFNRecord
+from .sites import find_embedding_sites
 from .surgery import apply_structure
 
 
@@ -337,8 +338,7 @@ class RMTKDPreTrainedModel(PreTrainedModel):
         vocab = self.model.config.vocab_size
         if factorised:
             table.num_embeddings, table.padding_idx = vocab, table.down.padding_idx
-            path = next(name for name, module in self.model.named_modules() if module is table)
-            self.config.reduced_modules[path].in_features = vocab
+            self.config.reduced_modules[find_embedding_sites(self.model)[0].name].in_features = vocab
         self.config.base_config["vocab_size"] = vocab
         return self.model.get_input_embeddings()
 
