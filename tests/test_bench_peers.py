@@ -11,7 +11,17 @@ from torch import nn
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
-from peers import drop_layers, energy_rank, flops, parameter_counts, pca_energy, svd_factor, svd_like  # noqa: E402
+from peers import (  # noqa: E402
+    drop_layers,
+    energy_rank,
+    flops,
+    parameter_counts,
+    pca_energy,
+    svd_embedding,
+    svd_factor,
+    svd_like,
+    svd_to_size,
+)
 
 from hf_rmtkd import compress  # noqa: E402
 
@@ -50,6 +60,33 @@ class TestSVD:
         assert theirs <= ours and ours - theirs < 0.02 * ours
         with torch.no_grad():
             assert model(**_batches(1)[0]).logits.shape == (8, 2)
+
+    def test_token_table_truncation_is_exact_at_full_rank_and_best_below(self):
+        torch.manual_seed(0)
+        table = nn.Embedding(50, 8)
+        ids = torch.randint(0, 50, (3, 7))
+        assert torch.allclose(svd_embedding(table, 8)(ids), table(ids), atol=1e-5)
+        low = svd_embedding(table, 3)
+        approx = (low.down.weight @ low.up.weight.T).detach()
+        dropped = torch.linalg.svdvals(table.weight.detach())[3:]
+        assert torch.allclose(torch.linalg.norm(table.weight.detach() - approx), dropped.norm(), rtol=1e-4)
+        assert low.down.weight.shape == (50, 3) and low.up.weight.shape == (8, 3)
+
+    def test_svd_to_size_lands_just_under_the_target_with_the_table_factorised(self):
+        teacher = _bert()
+        total = teacher.num_parameters()
+        for share in (0.6, 0.3):
+            target = int(share * total)
+            model, ranks = svd_to_size(teacher, target)
+            count = model.num_parameters()
+            # Under the target, and within one rank step of the largest matrix of it.
+            assert count <= target and target - count < 0.05 * total
+            assert "bert.embeddings.word_embeddings" in ranks and "classifier" not in ranks
+            with torch.no_grad():
+                assert model(**_batches(1)[0]).logits.shape == (8, 2)
+        assert teacher.num_parameters() == total  # the teacher is copied, not changed
+        with pytest.raises(ValueError, match="rank 1 everywhere"):
+            svd_to_size(teacher, 1000)
 
 
 class TestEnergyAndLayers:

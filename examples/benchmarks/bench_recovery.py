@@ -18,7 +18,7 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except t
   (`reduction_embeddings=True`: at width 144 the table is 76% of the model); `hidden_emb_b10` / `_b15` / `_b20`: the
   same with every site's rank raised to a relative output error of at most 0.1 / 0.15 / 0.2 (`reduction_max_output_error`);
 * `hidden_prog`: both terms and the width reached in `reduction_hidden_steps=3` geometric steps;
-* `hidden_front` / `hidden_emb_front` (`_b12`: budget 0.12): `hidden_both` / `hidden_emb` with every reduction done before training
+* `hidden_front` / `hidden_emb_front` (`_b12` / `_b9`: budget 0.12 / 0.09): `hidden_both` / `hidden_emb` with every reduction done before training
   (`reduction_schedule="all_at_once"`, `reduction_recovery_steps=1`) and the whole budget distilled from the
   fine-tuned teacher (`distillation_teacher="original"`): the dense student's schedule and teacher, RMT-KD's ranks;
 * `rmtkd_hid` / `rmtkd_front`: the defaults (no hidden width) with the hidden-state term, layer by layer / with
@@ -30,6 +30,9 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except t
   with the `--match` recipe's losses and budget (no spectral reductions);
 * `svd`: truncated SVD of the teacher's weights at the `--match` row's per-module ranks (a row without the hidden width:
   SVD cannot narrow the embeddings), then distilled the same way;
+* `svd_size`: every linear layer and the token table truncated by SVD to one shared fraction of its parameters, the
+  one that lands on the `--match` row's whole-model count (any row, hidden width and token table included), then
+  distilled the same way;
 * `layer_drop`: evenly spaced layers of the teacher kept, as many as fit the `--match` row's parameter count, then
   distilled the same way. (Activation PCA at matched per-site ranks is RMT-KD's own projection without the MP rule,
   so it has no row of its own.)
@@ -67,7 +70,7 @@ from pathlib import Path
 
 import torch
 from bench_peers import calibration_loader, measure, trainable
-from peers import drop_layers, svd_like
+from peers import drop_layers, svd_like, svd_to_size
 from recovery_recipes import BASELINES, OFF, RECIPES, TARGETS
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
@@ -185,6 +188,9 @@ def run_baseline(name: str, seed: int, teacher, task, args, rows: dict, match: s
         name_, seed_ = match.split("@")
         reference = task.load_rmtkd(Path(args.output_dir) / f"{name_}-seed{seed_}")
         model, ranks = svd_like(teacher, reference.config.reduced_modules, reference.model)
+        detail = {"ranks": ranks}
+    elif name == "svd_size":
+        model, ranks = svd_to_size(teacher, target["params"])
         detail = {"ranks": ranks}
     else:
         model, kept = drop_layers(teacher, target["params"])

@@ -7,6 +7,9 @@ Each baseline starts from the same fine-tuned teacher and is then distilled from
   dense layers; a conv `C_in -> C_out` becomes `C_in -> r` with the same kernel, then a 1x1 conv `r -> C_out`). The
   rank is RMT-KD's for a factorised linear layer (same parameters); for an FFN or conv block, whose inner width RMT-KD
   shrinks, both of the block's layers are factorised at the one rank that gives the block RMT-KD's parameter count.
+* `svd_to_size`: every linear layer and the token table truncated to one shared fraction of its parameters
+  so that the whole model reaches a parameter count: the baseline for rows whose width or token table RMT-KD reduced,
+  which `svd_like` cannot follow site by site.
 * `pca_energy`: RMT-KD's own sites and surgery, with the rank of each site set by the energy rule (the smallest `k`
   whose top eigenvalues hold 95% of the activation variance) instead of the MP edge: the "no random-matrix theory"
   ablation.
@@ -25,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from hf_rmtkd.analysis import SpectralOptions, analyze_sites
 from hf_rmtkd.compression import to_rmtkd
+from hf_rmtkd.layers import LowRankEmbedding
 from hf_rmtkd.pipeline import apply_report
 from hf_rmtkd.sites import select_sites
 
@@ -96,6 +100,73 @@ def svd_like(teacher: nn.Module, reduced_modules: dict[str, dict], compressed: n
             )
         ranks[name] = int(rank)
     return model, ranks
+
+
+def svd_embedding(embedding: nn.Embedding, rank: int) -> LowRankEmbedding:
+    """A token table `(V, d)` as `LowRankEmbedding` through its rank-`rank` truncated SVD (`U_r S_r` rows, `V_r^T` up)."""
+    u, s, vh = torch.linalg.svd(embedding.weight.detach().to(torch.float64), full_matrices=False)
+    low = LowRankEmbedding(embedding.num_embeddings, embedding.embedding_dim, rank, bias=False)
+    with torch.no_grad():
+        low.down.weight.copy_(u[:, :rank] * s[:rank])
+        low.up.weight.copy_(vh[:rank].T)
+    return low.to(embedding.weight.dtype)
+
+
+def svd_to_size(
+    teacher: nn.Module, target_params: int, skip: tuple[str, ...] = ("classifier",)
+) -> tuple[nn.Module, dict]:
+    """A copy of `teacher` with every linear layer and the token table truncated by SVD to one shared fraction of
+    its parameters, the largest fraction that brings the whole model to at most `target_params`.
+
+    What a user without RMT-KD does to hit a parameter budget: no calibration, no per-site choice. A `(d_out, d_in)`
+    matrix at rank `r` costs `r (d_in + d_out)`, so a fraction `f` of its `d_in d_out` weights is rank
+    `floor(f d_in d_out / (d_in + d_out))`; matrices whose rank would not fall below that are left dense.
+
+    Args:
+        teacher: any model; its `nn.Linear` modules and its input token table (except names containing an entry of
+            `skip`: the task head by default) are the candidates; position tables stay dense.
+        target_params: the whole-model parameter count to reach (the matched row's).
+
+    Returns:
+        The factorised model and `{module path: rank}`.
+
+    Raises:
+        ValueError: when even rank 1 everywhere stays above `target_params`.
+    """
+    total = sum(p.numel() for p in teacher.parameters())
+    table = teacher.get_input_embeddings() if hasattr(teacher, "get_input_embeddings") else None
+    shapes = {
+        name: tuple(module.weight.shape)
+        for name, module in teacher.named_modules()
+        if (isinstance(module, nn.Linear) or module is table) and not any(s in name for s in skip)
+    }
+
+    def ranks(fraction: float) -> dict[str, int]:
+        plan = {}
+        for name, (rows, cols) in shapes.items():
+            rank = max(1, int(fraction * rows * cols / (rows + cols)))
+            if rank * (rows + cols) < rows * cols:
+                plan[name] = rank
+        return plan
+
+    def count(plan: dict[str, int]) -> int:
+        return total - sum(shapes[n][0] * shapes[n][1] - r * sum(shapes[n]) for n, r in plan.items())
+
+    if count(ranks(0.0)) > target_params:
+        raise ValueError(
+            f"Truncated SVD at rank 1 everywhere keeps {count(ranks(0.0)):,} > {target_params:,} parameters."
+        )
+    low, high = 0.0, 1.0
+    for _ in range(40):  # bisection on the shared fraction: the count is monotone in it
+        middle = (low + high) / 2
+        low, high = (middle, high) if count(ranks(middle)) <= target_params else (low, middle)
+    plan, model = ranks(low), copy.deepcopy(teacher)
+    for path, rank in plan.items():
+        module = model.get_submodule(path)
+        new = svd_embedding(module, rank) if isinstance(module, nn.Embedding) else svd_factor(module, rank)
+        parent, _, child = path.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    return model, plan
 
 
 # -- activation PCA with an energy rule -----------------------------------------------------------------------------
