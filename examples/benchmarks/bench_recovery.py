@@ -286,10 +286,15 @@ def report(rows: dict) -> list[str]:
     share, points = TARGETS[rows.get("_task", "sst2")]
     stderr = 100 * math.sqrt(teacher["accuracy"] * (1 - teacher["accuracy"]) / dev)
     title = rows.get("_title", "SST-2 (full training set), all-MiniLM-L6-v2")
+    epoch = rows.get("_teacher_epoch_minutes")
     lines = report_header(f"Recovery at high compression: {title}", rows) + [
-        f"Teacher epoch on the training set: {rows.get('_teacher_epoch_minutes', float('nan')):.1f} min "
-        "(wall time of the run that finished it, whatever else shared the machine). "
-        f"Evaluation-set standard error of an accuracy near the teacher's: {stderr:.2f} points.",
+        (
+            f"Teacher epoch on the training set: {epoch:.1f} min "
+            "(wall time of the run that finished it, whatever else shared the machine). "
+            if epoch is not None
+            else "The teacher was trained in another store (linked in), so its epoch time is not in this one. "
+        )
+        + f"Evaluation-set standard error of an accuracy near the teacher's: {stderr:.2f} points.",
         "",
         "| recipe | seeds | accuracy (%) | vs teacher (points) | whole params | FLOPs | CPU b1 | CPU b32 | minutes |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -320,7 +325,7 @@ def report(rows: dict) -> list[str]:
         lines
         + ["", f"## Target: >= {share:.0%} fewer whole-model parameters at <= {points:g} point below the teacher", ""]
         + (verdicts or ["- no recipe row yet."])
-        + ([""] + notes if notes else [])
+        + (["", "\n\n".join(notes)] if notes else [])  # one paragraph per note
     )
 
 

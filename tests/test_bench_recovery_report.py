@@ -1,0 +1,38 @@
+"""The recovery benchmark's report: seeds averaged per recipe, one verdict per recipe, hand notes as paragraphs."""
+
+import sys
+from pathlib import Path
+
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
+import bench_recovery  # noqa: E402
+
+
+def _row(accuracy, params):
+    measured = {"accuracy": accuracy, "params": params, "flops": params, "cpu_b1_ms": 10.0, "cpu_b32_ms": 100.0}
+    return {**measured, "minutes": 5.0, "teacher_ref": {"cpu_b1_ms": 20.0, "cpu_b32_ms": 200.0}}
+
+
+def test_seeds_are_averaged_and_each_recipe_is_judged_against_the_target():
+    rows = {"teacher": _row(0.90, 1000), "hidden_both@0": _row(0.89, 190), "hidden_both@1": _row(0.87, 190)}
+    rows["dense_student@0"] = _row(0.895, 300)
+    lines = bench_recovery.report(rows)
+    recipe = next(line for line in lines if line.startswith("| + hidden width, + hidden-state"))
+    # two seeds, mean 88.00 (-2.00 points), spread = sample standard deviation of 89 and 87
+    assert "| 2 | 88.00 ± 1.41 | -2.00 | 190 (81.0% fewer)" in recipe
+    verdicts = [line for line in lines if line.startswith("- ")]
+    assert verdicts == [
+        "- + hidden width, + hidden-state and attention KD: 81.0% fewer at -2.00 points: NOT met.",
+        "- dense student (same depth and width, uniform FFN), same losses: 70.0% fewer at -0.50 points: NOT met.",
+    ]
+    rows["hidden_both@1"] = _row(0.895, 190)
+    assert bench_recovery.report(rows)[-2].endswith("81.0% fewer at -0.75 points: met.")
+
+
+def test_hand_notes_are_separate_paragraphs_and_a_linked_teacher_has_no_epoch_time():
+    rows = {"teacher": _row(0.90, 1000), "hidden_both@0": _row(0.89, 190), "_notes": ["first note", "second"]}
+    text = "\n".join(bench_recovery.report(rows))
+    assert text.endswith("first note\n\nsecond")
+    assert "nan" not in text and "trained in another store" in text
+    rows["_teacher_epoch_minutes"] = 12.34
+    assert "Teacher epoch on the training set: 12.3 min" in "\n".join(bench_recovery.report(rows))
