@@ -71,6 +71,11 @@ RECIPES.update(
         for b in (0.09, 0.12)
     }
 )
+# The 0.12 budget without the token table: which of its two changes (raised ranks, factorised table) holds accuracy.
+RECIPES["hidden_front_b12"] = (
+    "+ hidden width, output-error budget 0.12, all reductions first, original teacher, + hidden-state and attention KD",
+    {**RECIPES["hidden_front"][1], "reduction_max_output_error": 0.12},
+)
 # Without the hidden width (the only recipes for a CNN): the hidden term compares block outputs (feature maps).
 RECIPES.update(
     {
