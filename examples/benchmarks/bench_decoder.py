@@ -81,6 +81,12 @@ def token_windows(tokenizer, text: str, length: int, count: int) -> list[torch.T
     return [ids[i * length : (i + 1) * length][None] for i in range(min(count, len(ids) // length))]
 
 
+def calibration_set(tokenizer, text: str, length: int, tokens: int) -> tuple[list[torch.Tensor], list[dict]]:
+    """The first `tokens` tokens of `text` as `length`-token windows (each (1, length)), and as `compress` batches of 8."""
+    ids = token_windows(tokenizer, text, length, tokens // length)
+    return ids, [{"input_ids": torch.cat(ids[i : i + 8])} for i in range(0, len(ids), 8)]
+
+
 @torch.inference_mode()
 def perplexity(model, windows) -> float:
     losses = [model(input_ids=w, labels=w).loss for w in windows]
@@ -145,11 +151,9 @@ def main(bench: DecoderArguments) -> None:
     store, rows = open_store(bench.output_dir)
     teacher, tokenizer = load_teacher()
     data = Path(bench.data_dir)
-    calibration_ids = token_windows(
-        tokenizer, (data / "valid.tokens").read_text(), bench.sequence_length,
-        bench.calibration_tokens // bench.sequence_length,
-    )  # fmt: skip
-    calibration = [{"input_ids": torch.cat(calibration_ids[i : i + 8])} for i in range(0, len(calibration_ids), 8)]
+    calibration_ids, calibration = calibration_set(
+        tokenizer, (data / "valid.tokens").read_text(), bench.sequence_length, bench.calibration_tokens
+    )
     windows = token_windows(tokenizer, (data / "wiki.test.raw").read_text(), bench.sequence_length, bench.eval_windows)
     rows["teacher"] = {**rows.get("teacher", {}), **measure(teacher, tokenizer, windows, bench)}
     store.write_text(json.dumps(rows, indent=1))

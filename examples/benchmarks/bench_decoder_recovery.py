@@ -25,8 +25,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-from bench_decoder import PROMPTS, generations, load_teacher, perplexity, timed_compress, token_windows
+from bench_decoder import (
+    PROMPTS,
+    calibration_set,
+    generations,
+    load_teacher,
+    perplexity,
+    timed_compress,
+    token_windows,
+)
 from bench_peers import trainable
 from transformers import HfArgumentParser
 
@@ -84,10 +91,7 @@ def main(bench: DecoderRecoveryArguments, args: RMTKDTrainingArguments) -> None:
     teacher, tokenizer = load_teacher()
     data = Path(bench.data_dir)
     valid = (data / "valid.tokens").read_text()
-    calibration_ids = token_windows(
-        tokenizer, valid, bench.sequence_length, bench.calibration_tokens // bench.sequence_length
-    )
-    calibration = [{"input_ids": torch.cat(calibration_ids[i : i + 8])} for i in range(0, len(calibration_ids), 8)]
+    calibration_ids, calibration = calibration_set(tokenizer, valid, bench.sequence_length, bench.calibration_tokens)
     windows = token_windows(tokenizer, (data / "wiki.test.raw").read_text(), bench.sequence_length, bench.eval_windows)
     examples = args.max_steps * args.per_device_train_batch_size * args.gradient_accumulation_steps
     train = recovery_windows(tokenizer, valid, bench, examples)
