@@ -211,6 +211,26 @@ def nearest_quarter(rows: dict) -> str:
     return min(candidates, key=lambda k: abs(1 - rows[k]["params"] / teacher - 0.25), default="")
 
 
+TARGET = "## Target: >= 25% fewer whole-model parameters at <= 1.25x the teacher's perplexity"
+
+
+def verdict(name: str, row: dict, teacher: dict) -> str:
+    """One line judging `row` (its `params` and `ppl`) against the issue's target, relative to the teacher's."""
+    fewer = 1 - row["params"] / teacher["params"]
+    ratio = row["ppl"] / teacher["ppl"]
+    met = "met" if fewer >= 0.25 and ratio <= 1.25 else "NOT met"
+    return f"- {name}: {100 * fewer:.1f}% fewer at {ratio:.2f}x the teacher's perplexity: {met}."
+
+
+def generation_lines(rows: dict) -> list[str]:
+    """The greedy continuations of every row, one markdown line per row, under a heading."""
+    lines = ["", "## Greedy generations", ""]
+    for name, row in rows.items():
+        if not name.startswith("_"):
+            lines.append(f"- **{name}**: " + " | ".join(f"{p} → {t!r}" for p, t in zip(PROMPTS, row["generations"])))
+    return lines
+
+
 def report(rows: dict) -> list[str]:
     teacher = rows["teacher"]
     lines = report_header("Post-training compression of a real decoder: SmolLM2-135M on WikiText-2", rows) + [
@@ -230,14 +250,9 @@ def report(rows: dict) -> list[str]:
             f"{row.get('compress_s', float('nan')):.0f} |"
         )
         if name != "teacher":
-            met = "met" if fewer >= 0.25 and ratio <= 1.25 else "NOT met"
-            verdicts.append(f"- {name}: {100 * fewer:.1f}% fewer at {ratio:.2f}x the teacher's perplexity: {met}.")
+            verdicts.append(verdict(name, row, teacher))
     lines += ["", "Speed columns: the row's tokens/s over the teacher's (batch 1, same invocation).", ""]
-    lines += ["## Target: >= 25% fewer whole-model parameters at <= 1.25x the teacher's perplexity", ""] + verdicts
-    lines += ["", "## Greedy generations", ""]
-    for name, row in rows.items():
-        if not name.startswith("_"):
-            lines.append(f"- **{name}**: " + " | ".join(f"{p} → {t!r}" for p, t in zip(PROMPTS, row["generations"])))
+    lines += [TARGET, ""] + verdicts + generation_lines(rows)
     cost = [(n, r) for n, r in rows.items() if not n.startswith("_") and "peak_rss_growth_mib" in r]
     if cost:
         lines += ["", "## Calibration cost", ""]

@@ -26,13 +26,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench_decoder import (
-    PROMPTS,
+    TARGET,
     calibration_set,
+    generation_lines,
     generations,
     load_teacher,
     perplexity,
     timed_compress,
     token_windows,
+    verdict,
 )
 from bench_peers import trainable
 from transformers import HfArgumentParser
@@ -161,14 +163,8 @@ def report(rows: dict) -> list[str]:
             f"| {name} | {row['ppl_before']:.1f} -> {row['ppl']:.1f} | {ratio:.2f}x | {row['params']:,} "
             f"({100 * fewer:.1f}% fewer) | {row['recovery_tokens']:,} | {row['recovery_minutes']:.0f} |"
         )
-        met = "met" if fewer >= 0.25 and ratio <= 1.25 else "NOT met"
-        verdicts.append(f"- {name}: {100 * fewer:.1f}% fewer at {ratio:.2f}x the teacher's perplexity: {met}.")
-    lines += ["", "## Target: >= 25% fewer whole-model parameters at <= 1.25x the teacher's perplexity", ""]
-    lines += verdicts or ["- no row yet."]
-    lines += ["", "## Greedy generations", ""]
-    for name, row in rows.items():
-        if not name.startswith("_"):
-            lines.append(f"- **{name}**: " + " | ".join(f"{p} → {t!r}" for p, t in zip(PROMPTS, row["generations"])))
+        verdicts.append(verdict(name, row, teacher))
+    lines += ["", TARGET, ""] + (verdicts or ["- no row yet."]) + generation_lines(rows)
     notes = rows.get("_notes", [])  # remarks added by hand to results.json, kept across invocations
     return lines + (["", "\n\n".join(notes)] if notes else [])
 
