@@ -21,7 +21,7 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except t
 * `hidden_front` / `hidden_emb_front` (`_b12` / `_b9`: budget 0.12 / 0.09): `hidden_both` / `hidden_emb` with every reduction done before training
   (`reduction_schedule="all_at_once"`, `reduction_recovery_steps=1`) and the whole budget distilled from the
   fine-tuned teacher (`distillation_teacher="original"`): the dense student's schedule and teacher, RMT-KD's ranks;
-* `rmtkd_hid` / `rmtkd_front`: the defaults (no hidden width) with the hidden-state term, layer by layer / with
+* `rmtkd_hid` / `rmtkd_front` (`_b30`: budget 0.3): the defaults (no hidden width) with the hidden-state term, layer by layer / with
   every reduction first and the original teacher; the recipes for a CNN, whose hidden term compares block outputs
   (feature maps, channels unchanged by the reductions, so no map is needed).
 * `dense_student`: what a user would otherwise do: a model of the same depth and the same stream width as the
