@@ -4,6 +4,7 @@ JSON store of benchmark rows."""
 from __future__ import annotations
 
 import json
+import os
 import platform
 from pathlib import Path
 
@@ -60,6 +61,30 @@ def open_store(output_dir: str) -> tuple[Path, dict]:
     out.mkdir(parents=True, exist_ok=True)
     store = out / "results.json"
     return store, (json.loads(store.read_text()) if store.exists() else {})
+
+
+def update_store(store: Path, entries: dict, command: str | None = None) -> dict:
+    """Merge `entries` (top-level keys replaced) into the JSON store as it is on disk now and return the merged rows.
+
+    Several invocations may share one store (two recipes running side by side on two cores): each re-reads the file
+    under an exclusive lock (`<store>.lock`, POSIX only; elsewhere unlocked) and replaces it atomically, so a row one
+    process wrote is never overwritten by another's stale copy. `command`, if given, is appended to `_runs`.
+    """
+    try:
+        import fcntl
+    except ImportError:  # Windows: no advisory locks; the atomic replace still keeps the file whole
+        fcntl = None
+    with open(store.with_name(store.name + ".lock"), "w") as lock:
+        if fcntl is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(store.read_text()) if store.exists() else {}
+        rows.update(entries)
+        if command is not None:
+            rows.setdefault("_runs", []).append(command)
+        partial = store.with_name(f"{store.name}.{os.getpid()}.tmp")
+        partial.write_text(json.dumps(rows, indent=1))
+        os.replace(partial, store)
+    return rows
 
 
 def publish(store: Path, rows: dict, lines: list[str], results_file: str | None) -> None:

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 import math
 import sys
 import time
@@ -80,7 +79,7 @@ from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.analysis import SpectralReport, analyze_sites
 from hf_rmtkd.compression import to_rmtkd
 from hf_rmtkd.pipeline import apply_report, reduce_hidden
-from hf_rmtkd.reporting import machine_line, open_store, publish, report_header
+from hf_rmtkd.reporting import machine_line, open_store, report_header, update_store, write_results
 from hf_rmtkd.sites import select_sites
 
 
@@ -252,31 +251,34 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
     teacher = teacher_model(task, bench, args, rows, out)
     # The teacher is timed in every invocation: latency ratios use the same machine state.
     current = measure(teacher, task, args, bench.latency_repeats)
-    rows["teacher"] = {**rows.get("teacher", {}), **current}
-    store.write_text(json.dumps(rows, indent=1))
+    fresh = {"teacher": {**rows.get("teacher", {}), **current}}
+    if "_teacher_epoch_minutes" in rows:
+        fresh["_teacher_epoch_minutes"] = rows["_teacher_epoch_minutes"]
+    # Every write merges into the store as it is on disk: invocations may run side by side on one store.
+    rows = update_store(store, fresh)
     for name in [r for r in bench.recipes.split(",") if r]:
         for seed in [int(s) for s in bench.seeds.split(",")]:
             key = f"{name}@{seed}"
+            rows = open_store(args.output_dir)[1]
             if key in rows:
                 continue
             if name in BASELINES:
                 model, detail = run_baseline(name, seed, teacher, task, args, rows, bench.match)
             else:
                 model, detail = run_recipe(name, seed, teacher, task, args)
-            rows[key] = {**measure(model, task, args, bench.latency_repeats), **detail}
-            rows[key]["teacher_ref"] = {k: v for k, v in current.items() if k == "accuracy" or k.endswith("_ms")}
-            store.write_text(json.dumps(rows, indent=1))
-    rows.setdefault("_runs", []).append(" ".join(sys.argv))
-    rows["_machine"] = machine_line()
-    rows["_setup"] = task.describe(bench, args)["text"]
-    rows.update(_task=bench.task, _title=task.name, _eval_count=len(task.eval))
+            row = {**measure(model, task, args, bench.latency_repeats), **detail}
+            row["teacher_ref"] = {k: v for k, v in current.items() if k == "accuracy" or k.endswith("_ms")}
+            rows = update_store(store, {key: row})
+    setup = task.describe(bench, args)["text"]
     if args.max_steps > 0:
         steps = args.max_steps * args.per_device_train_batch_size
-        rows["_setup"] += (
+        setup += (
             f" Budget of every recipe: {args.max_steps} optimizer steps ({steps:,} examples drawn from the whole "
             "training set), not the epochs above."
         )
-    publish(store, rows, report(rows), bench.results_file)
+    meta = {"_machine": machine_line(), "_setup": setup, "_task": bench.task, "_title": task.name}
+    rows = update_store(store, {**meta, "_eval_count": len(task.eval)}, command=" ".join(sys.argv))
+    write_results(bench.results_file, report(rows))
 
 
 def report(rows: dict) -> list[str]:
