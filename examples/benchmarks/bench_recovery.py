@@ -39,17 +39,22 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except t
 
 ResNet-56 on CIFAR-10 (`--task cifar10 --checkpoint <akamaster resnet56 .th> --data_dir <cifar10_jpeg>`): the same
 store and report, the target >= 50% fewer parameters at <= 0.5 points; `dense_student` needs a hidden width and is
-refused there, `svd` and `layer_drop` match `--match rmtkd@0` or another row. One training epoch of ResNet-56 takes
-about 6 s per 128 images on one CPU thread (close to an hour per row and epoch with the teacher's forwards), so these
-rows are for a GPU, e.g. (bench_peers' H100 runs of the same epochs took 3-4 minutes per row with 16 loader workers:
-two rows per 10-minute call, each call fine-tuning its own teacher unless the store is still there):
+refused there, `svd` and `layer_drop` match `--match rmtkd_front_b30@0` or another row. On the 2-core CPU a training
+step of 128 images takes about 1.5 s on one thread with the teacher's forward (10 minutes per epoch of the 50,000), so
+two invocations run side by side on one store, one thread each (`update_store` keeps both rows): the CPU protocol of
+`results/recovery_resnet56_cifar10_cpu.md` is a 3-epoch teacher, then 2 epochs per row (about 25 minutes a row):
 
-    python examples/benchmarks/bench_recovery.py --task cifar10 --checkpoint ../shared/data/resnet_cifar10/resnet56-4bfd9763.th \
-        --data_dir ../shared/data/cifar10_jpeg --teacher_epochs 10 --teacher_learning_rate 1e-3 --learning_rate 1e-3 \
-        --num_train_epochs 8 --per_device_train_batch_size 128 --calibration_samples 2000 \
-        --dataloader_num_workers 16 --recipes rmtkd,rmtkd_front --output_dir outputs/recovery-cifar10
-    python examples/benchmarks/bench_recovery.py ...same... --recipes rmtkd_hid,svd --match rmtkd_front@0
-    python examples/benchmarks/bench_recovery.py ...same... --recipes layer_drop --match rmtkd_front@0
+    python examples/benchmarks/bench_recovery.py --task cifar10 --checkpoint ../shared/data/resnet_cifar10/resnet56-4bfd9763.th \\
+        --data_dir ../shared/data/cifar10_jpeg --teacher_epochs 3 --teacher_learning_rate 1e-3 --learning_rate 1e-3 \\
+        --num_train_epochs 2 --per_device_train_batch_size 128 --calibration_samples 2000 \\
+        --output_dir outputs/recovery-cifar10-cpu --results_file examples/benchmarks/results/recovery_resnet56_cifar10_cpu.md
+    OMP_NUM_THREADS=1 python examples/benchmarks/bench_recovery.py ...same... --recipes rmtkd_front_b30 &
+    OMP_NUM_THREADS=1 python examples/benchmarks/bench_recovery.py ...same... --recipes rmtkd_front &
+    OMP_NUM_THREADS=1 python examples/benchmarks/bench_recovery.py ...same... --recipes svd --match rmtkd_front_b30@0 &
+    OMP_NUM_THREADS=1 python examples/benchmarks/bench_recovery.py ...same... --recipes layer_drop --match rmtkd_front_b30@0 &
+
+On a GPU use the issue's budget instead (`--teacher_epochs 10 --num_train_epochs 8 --dataloader_num_workers 16`;
+bench_peers' H100 runs of those epochs took 3-4 minutes per row).
 
 Run in the background (about 20-30 minutes per recipe and epoch on 2 CPU cores):
 
