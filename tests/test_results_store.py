@@ -17,7 +17,8 @@ def test_a_stale_copy_does_not_overwrite_rows_written_since(tmp_path):
     update_store(store, {"teacher": {"accuracy": 0.9}})
     _, stale = open_store(str(tmp_path))
     update_store(store, {"svd@0": {"accuracy": 0.8}})
-    # `stale` was read before svd@0 existed; writing its own row must keep that row
+    # `stale` is what an invocation holds from its start; before update_store it wrote that dict back whole and
+    # dropped svd@0. Its own row now goes through update_store, which merges into the file as it is.
     rows = update_store(store, {"layer_drop@0": {"accuracy": 0.7}, "teacher": {"accuracy": 0.91}}, command="run a")
     assert "svd@0" not in stale
     assert set(rows) == {"teacher", "svd@0", "layer_drop@0", "_runs"}
