@@ -36,3 +36,30 @@ def test_hand_notes_are_separate_paragraphs_and_a_linked_teacher_has_no_epoch_ti
     assert "nan" not in text and "trained in another store" in text
     rows["_teacher_epoch_minutes"] = 12.34
     assert "Teacher epoch on the training set: 12.3 min" in "\n".join(bench_recovery.report(rows))
+
+
+def test_every_recipe_builds_valid_training_arguments(tmp_path):
+    import dataclasses
+
+    from recovery_recipes import OFF, RECIPES
+
+    from hf_rmtkd import RMTKDTrainingArguments
+
+    base = RMTKDTrainingArguments(output_dir=str(tmp_path), report_to="none")
+    fields = {f.name for f in dataclasses.fields(RMTKDTrainingArguments)}
+    for name, (_, overrides) in RECIPES.items():
+        assert set(overrides) <= fields, name
+        # `replace` re-runs the arguments' validation, as `run_recipe` does.
+        dataclasses.replace(base, **({**OFF, **overrides} if name.startswith("hidden") else overrides))
+
+
+def test_stage_recipe_reduces_only_the_second_and_third_resnet_stages():
+    from recovery_recipes import RECIPES
+
+    from hf_rmtkd import ResNetCifarConfig, ResNetCifarForImageClassification
+    from hf_rmtkd.sites import select_sites
+
+    model = ResNetCifarForImageClassification(ResNetCifarConfig(depth=14, widths=[4, 8, 16], image_size=8))
+    sites = select_sites(model, RECIPES["rmtkd_front_s23"][1]["reduction_target_modules"])
+    stages = sorted({site.name.split(".")[0] for site in sites})
+    assert stages == ["layer2", "layer3"] and len(sites) == 4

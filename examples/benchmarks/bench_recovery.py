@@ -23,7 +23,8 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except t
   fine-tuned teacher (`distillation_teacher="original"`): the dense student's schedule and teacher, RMT-KD's ranks;
 * `rmtkd_hid` / `rmtkd_front` (`_b30`: budget 0.3): the defaults (no hidden width) with the hidden-state term, layer by layer / with
   every reduction first and the original teacher; the recipes for a CNN, whose hidden term compares block outputs
-  (feature maps, channels unchanged by the reductions, so no map is needed).
+  (feature maps, channels unchanged by the reductions, so no map is needed); `rmtkd_front_s23`: `rmtkd_front` with
+  the first ResNet stage kept whole (`reduction_target_modules` on stages 2 and 3), near `_b30`'s size.
 * `dense_student`: what a user would otherwise do: a model of the same depth and the same stream width as the
   `--match` row (the teacher's top principal directions, sliced the same way), every FFN inner width the same and
   chosen to match that row's parameter count (neuron selection), attention heads kept; then distilled from the teacher
