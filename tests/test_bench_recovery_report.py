@@ -63,3 +63,22 @@ def test_stage_recipe_reduces_only_the_second_and_third_resnet_stages():
     sites = select_sites(model, RECIPES["rmtkd_front_s23"][1]["reduction_target_modules"])
     stages = sorted({site.name.split(".")[0] for site in sites})
     assert stages == ["layer2", "layer3"] and len(sites) == 4
+
+
+def test_baselines_matched_to_different_rows_are_kept_apart():
+    rows = {"teacher": _row(0.90, 1000), "a@0": _row(0.88, 400)}
+    # A store written before keys named the match: `svd@0`, matched to `b30@0`.
+    rows["svd@0"] = {**_row(0.87, 390), "matched": "b30@0"}
+    assert bench_recovery.is_stored(rows, "svd", 0, "b30@0")
+    assert not bench_recovery.is_stored(rows, "svd", 0, "s23@0")  # another match is another row, not a skip
+    key = bench_recovery.row_key("svd", 0, "s23@0")
+    assert key == "svd(s23@0)@0" and bench_recovery.row_key("rmtkd_front", 1, "s23@0") == "rmtkd_front@1"
+    rows[key] = {**_row(0.89, 380), "matched": "s23@0"}
+    rows["svd(b30@0)@1"] = {**_row(0.85, 390), "matched": "b30@0"}
+    assert bench_recovery.is_stored(rows, "svd", 0, "s23@0")
+    groups = [(label, len(seeds)) for label, _, seeds in bench_recovery.grouped(rows)]
+    label = bench_recovery.BASELINES["svd"]
+    assert groups == [(f"{label} (matched to `b30@0`)", 2), (f"{label} (matched to `s23@0`)", 1)]
+    text = "\n".join(bench_recovery.report(rows))
+    assert f"| {label} (matched to `b30@0`) | 2 | 86.00 ± 1.41 |" in text
+    assert f"| {label} (matched to `s23@0`) | 1 | 89.00 |" in text

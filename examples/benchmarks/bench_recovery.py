@@ -24,7 +24,8 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except t
 * `rmtkd_hid` / `rmtkd_front` (`_b30`: budget 0.3): the defaults (no hidden width) with the hidden-state term, layer by layer / with
   every reduction first and the original teacher; the recipes for a CNN, whose hidden term compares block outputs
   (feature maps, channels unchanged by the reductions, so no map is needed); `rmtkd_front_s23`: `rmtkd_front` with
-  the first ResNet stage kept whole (`reduction_target_modules` on stages 2 and 3), near `_b30`'s size.
+  the first ResNet stage kept whole (`reduction_target_modules` on stages 2 and 3), near `_b30`'s size
+  (`_s23_logits`: the same, logits only).
 * `dense_student`: what a user would otherwise do: a model of the same depth and the same stream width as the
   `--match` row (the teacher's top principal directions, sliced the same way), every FFN inner width the same and
   chosen to match that row's parameter count (neuron selection), attention heads kept; then distilled from the teacher
@@ -171,6 +172,40 @@ def dense_student(teacher, task, args, width: int, target_params: int):
     return model, inner
 
 
+def row_key(name: str, seed: int, match: str) -> str:
+    """A row's key in the store: a baseline's names the row it matches, so one store holds baselines matched to
+    several rows (`svd(rmtkd_front_s23@0)@0`); a recipe's is `name@seed`."""
+    return f"{name}({match})@{seed}" if name in BASELINES else f"{name}@{seed}"
+
+
+def is_stored(rows: dict, name: str, seed: int, match: str) -> bool:
+    """Whether that row is in the store, a baseline's also under the key of stores written before keys named the
+    match (`svd@0`, its match in the row's `matched`)."""
+    if row_key(name, seed, match) in rows:
+        return True
+    legacy = rows.get(f"{name}@{seed}")
+    return name in BASELINES and legacy is not None and legacy.get("matched") == match
+
+
+def grouped(rows: dict) -> list[tuple[str, str, list[dict]]]:
+    """(label, recipe or baseline name, rows over seeds), recipes first in `RECIPES` order, then baselines, one group
+    per baseline and matched row."""
+    labels = {**{name: label for name, (label, _) in RECIPES.items()}, **BASELINES}
+    found: dict[tuple[str, str | None], list[dict]] = {}
+    for key, row in rows.items():
+        if "@" not in key or key.startswith("_"):
+            continue
+        name = key.rsplit("@", 1)[0].split("(")[0]
+        if name in labels:
+            found.setdefault((name, row.get("matched") if name in BASELINES else None), []).append(row)
+    return [
+        (labels[name] + (f" (matched to `{match}`)" if match else ""), name, seeds)
+        for order in labels
+        for (name, match), seeds in found.items()
+        if name == order
+    ]
+
+
 def run_baseline(name: str, seed: int, teacher, task, args, rows: dict, match: str) -> tuple[torch.nn.Module, dict]:
     """A baseline at the parameter count of the `match` row, distilled with that recipe's losses and budget."""
     if match not in rows:
@@ -203,7 +238,7 @@ def run_baseline(name: str, seed: int, teacher, task, args, rows: dict, match: s
     model = trainable(model)
     recipe_args = dataclasses.replace(
         args,
-        output_dir=str(Path(args.output_dir) / f"{name}-seed{seed}"),
+        output_dir=str(Path(args.output_dir) / f"{name}-{match.replace('@', '-seed')}-seed{seed}"),
         seed=seed,
         data_seed=seed,
         reduction_schedule="none",
@@ -264,9 +299,8 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
     rows = update_store(store, fresh)
     for name in [r for r in bench.recipes.split(",") if r]:
         for seed in [int(s) for s in bench.seeds.split(",")]:
-            key = f"{name}@{seed}"
             rows = open_store(args.output_dir)[1]
-            if key in rows:
+            if is_stored(rows, name, seed, bench.match):
                 continue
             if name in BASELINES:
                 model, detail = run_baseline(name, seed, teacher, task, args, rows, bench.match)
@@ -274,7 +308,7 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
                 model, detail = run_recipe(name, seed, teacher, task, args)
             row = {**measure(model, task, args, bench.latency_repeats), **detail}
             row["teacher_ref"] = {k: v for k, v in current.items() if k == "accuracy" or k.endswith("_ms")}
-            rows = update_store(store, {key: row})
+            rows = update_store(store, {row_key(name, seed, bench.match): row})
     setup = task.describe(bench, args)["text"]
     if args.max_steps > 0:
         steps = args.max_steps * args.per_device_train_batch_size
@@ -309,11 +343,7 @@ def report(rows: dict) -> list[str]:
         f"| teacher | - | {100 * teacher['accuracy']:.2f} | - | {teacher['params']:,} | 1x | 1x | 1x | - |",
     ]
     verdicts = []
-    labels = {**{name: label for name, (label, _) in RECIPES.items()}, **BASELINES}
-    for name, label in labels.items():
-        seeds = [rows[k] for k in rows if k.split("@")[0] == name]
-        if not seeds:
-            continue
+    for label, _, seeds in grouped(rows):
         acc = torch.tensor([100 * r["accuracy"] for r in seeds], dtype=torch.float64)
         spread = f" ± {acc.std().item():.2f}" if len(seeds) > 1 else ""
         drop = acc.mean().item() - 100 * teacher["accuracy"]

@@ -99,6 +99,11 @@ RECIPES["rmtkd_front_s23"] = (
     "RMT-KD, MP ranks in stages 2 and 3 only (stage 1 kept), all reductions first, original teacher, + hidden-state KD",
     {**RECIPES["rmtkd_front"][1], "reduction_target_modules": r".*layer[23]\.\d+\.conv1"},
 )
+# The same without the block-output term (logits only): whether the feature-map term helps a CNN.
+RECIPES["rmtkd_front_s23_logits"] = (
+    "RMT-KD, MP ranks in stages 2 and 3 only, all reductions first, original teacher, logits only",
+    {**RECIPES["rmtkd_front_s23"][1], "distillation_hidden_weight": 0.0},
+)
 # Each task's target: (share of whole-model parameters removed, points lost at most).
 TARGETS = {"sst2": (0.8, 1.0), "cifar10": (0.5, 0.5)}
 BASELINES = {
