@@ -4,7 +4,8 @@ One teacher (all-MiniLM-L6-v2 fine-tuned on all 67,349 sentences, saved under `<
 every later invocation), then one row per recipe and seed, each measured against that teacher on the full dev set
 (accuracy, parameters, size, FLOPs, CPU latency at batch 1 and 32). Rows accumulate in `<output_dir>/results.json`:
 a recipe already there is skipped, so the script is resumable and recipes can run in separate invocations
-(`--recipes`, `--seeds`). Batches are length-grouped (`train_sampling_strategy="group_by_length"`) and dynamically
+(`--recipes`, `--seeds`); a baseline is one row per seed and `--match` row, so baselines matched to several rows
+share the store. Batches are length-grouped (`train_sampling_strategy="group_by_length"`) and dynamically
 padded, which is what makes a full epoch fit a 2-core CPU (the teacher's epoch time is recorded).
 
 Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except the `rmtkd*` ones):
