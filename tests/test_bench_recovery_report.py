@@ -76,7 +76,7 @@ def test_baselines_matched_to_different_rows_are_kept_apart():
     rows[key] = {**_row(0.89, 380), "matched": "s23@0"}
     rows["svd(b30@0)@1"] = {**_row(0.85, 390), "matched": "b30@0"}
     assert bench_recovery.is_stored(rows, "svd", 0, "s23@0")
-    groups = [(label, len(seeds)) for label, _, seeds in bench_recovery.grouped(rows)]
+    groups = [(label, len(seeds)) for label, seeds in bench_recovery.grouped(rows)]
     label = bench_recovery.BASELINES["svd"]
     assert groups == [(f"{label} (matched to `b30@0`)", 2), (f"{label} (matched to `s23@0`)", 1)]
     text = "\n".join(bench_recovery.report(rows))

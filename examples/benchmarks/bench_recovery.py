@@ -188,8 +188,8 @@ def is_stored(rows: dict, name: str, seed: int, match: str) -> bool:
     return name in BASELINES and legacy is not None and legacy.get("matched") == match
 
 
-def grouped(rows: dict) -> list[tuple[str, str, list[dict]]]:
-    """(label, recipe or baseline name, rows over seeds), recipes first in `RECIPES` order, then baselines, one group
+def grouped(rows: dict) -> list[tuple[str, list[dict]]]:
+    """(label, rows over seeds), recipes first in `RECIPES` order, then baselines, one group
     per baseline and matched row."""
     labels = {**{name: label for name, (label, _) in RECIPES.items()}, **BASELINES}
     found: dict[tuple[str, str | None], list[dict]] = {}
@@ -200,7 +200,7 @@ def grouped(rows: dict) -> list[tuple[str, str, list[dict]]]:
         if name in labels:
             found.setdefault((name, row.get("matched") if name in BASELINES else None), []).append(row)
     return [
-        (labels[name] + (f" (matched to `{match}`)" if match else ""), name, seeds)
+        (labels[name] + (f" (matched to `{match}`)" if match else ""), seeds)
         for order in labels
         for (name, match), seeds in found.items()
         if name == order
@@ -344,7 +344,7 @@ def report(rows: dict) -> list[str]:
         f"| teacher | - | {100 * teacher['accuracy']:.2f} | - | {teacher['params']:,} | 1x | 1x | 1x | - |",
     ]
     verdicts = []
-    for label, _, seeds in grouped(rows):
+    for label, seeds in grouped(rows):
         acc = torch.tensor([100 * r["accuracy"] for r in seeds], dtype=torch.float64)
         spread = f" ± {acc.std().item():.2f}" if len(seeds) > 1 else ""
         drop = acc.mean().item() - 100 * teacher["accuracy"]
