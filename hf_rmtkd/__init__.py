@@ -14,7 +14,7 @@ from .budget_search import BudgetTry, search_output_error
 from .compression import compress, to_rmtkd
 from .configuration_rmtkd import RMTKDConfig
 from .latency import merge_low_rank, optimize_for_latency
-from .layers import LowRankEmbedding, LowRankLinear
+from .layers import LowRankConv2d, LowRankEmbedding, LowRankLinear
 from .modeling_rmtkd import (
     RMTKDForCausalLM,
     RMTKDForImageClassification,
@@ -53,6 +53,7 @@ _register()
 
 __all__ = [
     "BudgetTry",
+    "LowRankConv2d",
     "LowRankEmbedding",
     "LowRankLinear",
     "RMTKDConfig",

@@ -14,7 +14,7 @@ from torch import nn
 
 from .calibration import ActivationStatistics, collect_statistics
 from .mp_law import ESTIMATORS, TRACY_WIDOM_1_QUANTILES, fit_spectrum
-from .sites import Site, select_sites
+from .sites import SITE_KINDS, Site, select_sites, site_kinds
 
 
 @dataclass
@@ -277,7 +277,7 @@ def analyze_sites(
     sites reduced by selection (the reduction pipeline, which never reads them)."""
     from .output_error import apply_output_budget
 
-    outputs = [s.name for s in sites if s.kind == "embedding"]  # a token table's input is ids: its output is read
+    outputs = [s.name for s in sites if SITE_KINDS[s.kind].reads_output]
     stats, fingerprint = collect_statistics(
         model, calibration_data, [s.name for s in sites], options.max_samples, progress, outputs
     )
@@ -310,6 +310,7 @@ def analyze(
     calibration_data: Iterable,
     target_modules: str | list[str] | None = None,
     progress: bool = True,
+    convolutions: str = "channels",
     **options,
 ) -> SpectralReport:
     """Analyse the activation spectra of a model's reducible sites, without changing the model.
@@ -321,6 +322,9 @@ def analyze(
         target_modules (`str` or `list[str]`, *optional*): regex or list of name suffixes, as peft's
             `target_modules`; by default every reducible site (FFN inner widths and the linear layers of the blocks).
         progress (`bool`, *optional*, defaults to `True`): show a progress bar.
+        convolutions (`str`, *optional*, defaults to `"channels"`): `"factorize"` analyses every block convolution
+            (or each one `target_modules` names) as a factorisation site, on its output covariance, instead of conv
+            blocks' inner channels (see [`hf_rmtkd.compress`]).
         **options: fields of [`SpectralOptions`] (`estimator`, `tau`, `false_alarm`, `centered`, `max_samples`,
             `min_rank`, `seed`).
 
@@ -338,5 +342,9 @@ def analyze(
     """
     inner = _merged_copy_of_peft(getattr(model, "rmtkd_inner_model", model))
     return analyze_sites(
-        inner, calibration_data, select_sites(inner, target_modules), SpectralOptions(**options), progress
+        inner,
+        calibration_data,
+        select_sites(inner, target_modules, site_kinds(convolutions=convolutions)),
+        SpectralOptions(**options),
+        progress,
     )

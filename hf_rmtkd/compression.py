@@ -11,11 +11,11 @@ from transformers import PreTrainedModel
 
 from .analysis import SpectralOptions, SpectralReport
 from .configuration_rmtkd import RMTKDConfig
-from .layers import LowRankEmbedding, LowRankLinear
+from .layers import LowRankConv2d, LowRankEmbedding, LowRankLinear
 from .modeling_rmtkd import RMTKDPreTrainedModel, wrapper_class_for
 from .pipeline import ReductionPlan, reduce_model
 from .processing import find_processing_class
-from .records import EmbeddingRecord, LinearRecord
+from .records import ConvRecord, EmbeddingRecord, LinearRecord
 from .sites import linear_shape, select_sites
 
 
@@ -58,6 +58,10 @@ def _mark(model: PreTrainedModel, wrapper: RMTKDPreTrainedModel) -> None:
     model.__dict__[_MARK] = _Wrapped(wrapper, wrapper.config)
 
 
+# The module a factorising record leaves at its path.
+_FACTORISED = {EmbeddingRecord: LowRankEmbedding, LinearRecord: LowRankLinear, ConvRecord: LowRankConv2d}
+
+
 def _records_describe(model: nn.Module, config: RMTKDConfig) -> bool:
     """Whether `model`'s modules have the reduced shapes `config`'s records say (so the records can be continued)."""
     if config.hidden_width is not None and getattr(model.config, "hidden_size", None) != config.hidden_width.rank:
@@ -67,8 +71,8 @@ def _records_describe(model: nn.Module, config: RMTKDConfig) -> bool:
             module = model.get_submodule(path)
         except AttributeError:
             return False
-        if isinstance(record, (EmbeddingRecord, LinearRecord)):
-            factorised = LowRankEmbedding if isinstance(record, EmbeddingRecord) else LowRankLinear
+        factorised = _FACTORISED.get(type(record))
+        if factorised is not None:
             merged = getattr(record, "merged", False)
             if not merged and (not isinstance(module, factorised) or module.rank != record.rank):
                 return False
@@ -159,6 +163,7 @@ def compress(
     hidden_width: bool = False,
     processing_class=None,
     embeddings: bool = False,
+    convolutions: str = "channels",
     **options,
 ) -> RMTKDPreTrainedModel | tuple[RMTKDPreTrainedModel, SpectralReport]:
     """Compress a trained model with the MP rule, without fine-tuning (post-training compression).
@@ -186,6 +191,10 @@ def compress(
             covariance over the calibration tokens ([`~hf_rmtkd.layers.LowRankEmbedding`]). On a small encoder the
             table is most of the model (52% of MiniLM, 76% once its width is reduced). Refused for a table tied to
             the output head.
+        convolutions (`str`, *optional*, defaults to `"channels"`): how a CNN's block convolutions are reduced:
+            `"channels"` keeps `k` of each block's inner channels (the paper's CNN site), `"factorize"` factorises
+            every block convolution as a `k x k` convolution to `k` channels and a `1 x 1` one back, `k` by the MP
+            rule on the convolution's output covariance ([`~hf_rmtkd.layers.LowRankConv2d`]).
         processing_class (*optional*): tokenizer or processor that `save_pretrained` of the result writes beside the
             weights (so `pipeline(task, model=folder)` works). By default the one saved in the folder the model was
             loaded from, if any.
@@ -212,6 +221,7 @@ def compress(
         hidden_steps_left=int(hidden_width),
         ffn_method=ffn_method,
         embeddings=embeddings,
+        convolutions=convolutions,
     )
     wrapper, created = _wrap(model)
     inner = wrapper.model

@@ -42,10 +42,11 @@ class RMTKDConfig(PreTrainedConfig):
             `to_dict()` of the uncompressed model's config (it carries its `model_type`).
         base_architecture (`str`):
             Class name of the uncompressed model, e.g. `"BertForSequenceClassification"`.
-        reduced_modules (`dict[str, FFNRecord | LinearRecord | EmbeddingRecord]`, *optional*):
+        reduced_modules (`dict[str, FFNRecord | LinearRecord | EmbeddingRecord | ConvRecord]`, *optional*):
             One typed record per reduced module, keyed by module path inside the base model (see
             [`hf_rmtkd.records`]: `FFNRecord` for the inner width of a feed-forward block, `LinearRecord` for a
-            low-rank factorisation, `EmbeddingRecord` for a factorised input token table; each with its shape,
+            low-rank factorisation, `EmbeddingRecord` for a factorised input token table, `ConvRecord` for a
+            factorised convolution; each with its shape,
             `rank` and the MP provenance). Dicts (as in `config.json`)
             are converted on construction.
         hidden_width ([`~hf_rmtkd.records.HiddenRecord`], *optional*):
@@ -104,7 +105,7 @@ class RMTKDConfig(PreTrainedConfig):
         for path, record in self.reduced_modules.items():
             if not isinstance(record, ModuleRecord):
                 raise ValueError(
-                    f"`reduced_modules[{path!r}]` must be an FFNRecord, LinearRecord or EmbeddingRecord, got {record!r}."
+                    f"`reduced_modules[{path!r}]` must be a module record (FFN, linear, embedding or conv), got {record!r}."
                 )
             record.validate(f"reduced_modules[{path!r}]")
         if self.hidden_width is not None:

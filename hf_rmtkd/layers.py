@@ -1,5 +1,5 @@
-"""Reduced module types: the low-rank factorisation `W ~ (W P^T) P` as two dense linears, and a factorised
-embedding table."""
+"""Reduced module types: the low-rank factorisation `W ~ (W P^T) P` as two dense linears, a factorised embedding
+table, and a factorised convolution."""
 
 from __future__ import annotations
 
@@ -60,3 +60,50 @@ class LowRankEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_embeddings={self.num_embeddings}, embedding_dim={self.embedding_dim}, rank={self.rank}"
+
+
+class LowRankConv2d(nn.Module):
+    """`up(down(x))`: a `k x k` convolution `in_channels -> rank` (no bias) with the original kernel, stride, padding
+    and dilation, then a `1 x 1` convolution `rank -> out_channels`: `rank (in_channels kh kw + out_channels)`
+    weights instead of `in_channels out_channels kh kw`.
+
+    Args:
+        in_channels (`int`), out_channels (`int`): channels of the convolution it replaces.
+        rank (`int`): inner channels `k`.
+        kernel_size, stride, padding, dilation: as the replaced `nn.Conv2d`'s (on `down`).
+        bias (`bool`, *optional*, defaults to `True`): bias on `up`.
+
+    Shapes: input `(batch, in_channels, H, W)`, output `(batch, out_channels, H', W')` as the replaced convolution.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        rank: int,
+        kernel_size=3,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = True,
+    ):
+        super().__init__()
+        self.in_channels, self.out_channels, self.rank = in_channels, out_channels, rank
+        self.down = nn.Conv2d(in_channels, rank, kernel_size, stride, padding, dilation, bias=False)
+        self.up = nn.Conv2d(rank, out_channels, 1, bias=bias)
+
+    @classmethod
+    def like(cls, conv: nn.Module, rank: int, bias: bool) -> LowRankConv2d:
+        """A factorisation of `conv`'s shape (an `nn.Conv2d` or a `LowRankConv2d`) (kernel, stride, padding, dilation), on its device and dtype, values
+        uninitialised."""
+        source = conv.down if isinstance(conv, LowRankConv2d) else conv  # a second factorisation keeps the geometry
+        geometry = (source.kernel_size, source.stride, source.padding, source.dilation)
+        reference = next(conv.parameters())
+        new = cls(conv.in_channels, conv.out_channels, rank, *geometry, bias=bias)
+        return new.to(device=reference.device, dtype=reference.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, out_channels={self.out_channels}, rank={self.rank}"

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .records import HIDDEN_SITE, EmbeddingRecord, LinearRecord
+from .records import HIDDEN_SITE, ConvRecord, EmbeddingRecord, LinearRecord
 
 
 logger = logging.getLogger(__name__)
@@ -102,6 +102,8 @@ def _form(record) -> str:
     """How the reduced module is stored: sliced dense, factorised, or merged back to dense (with the timings)."""
     if isinstance(record, EmbeddingRecord):
         return "factorised table"
+    if isinstance(record, ConvRecord):
+        return "factorised convolution"
     if not isinstance(record, LinearRecord):
         return "dense, narrower"
     timing = record.latency

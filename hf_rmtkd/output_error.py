@@ -29,6 +29,7 @@ import dataclasses
 import torch
 
 from .analysis import SiteReport, SpectralReport, round_rank
+from .sites import SITE_KINDS
 from .surgery import weight_and_bias
 
 
@@ -134,8 +135,9 @@ def selection_errors(weight: torch.Tensor, covariance: torch.Tensor, up_to: int 
 
 def site_errors(site: SiteReport, module: torch.nn.Module, centered: bool, ffn_method: str) -> torch.Tensor:
     """`e(k)` for `k = 0..dim` of one analysed site, for the surgery that `ffn_method` runs; `module` is the site's
-    module (its weight is the reader `W`; an embedding table's own output is the site's output, `W = I`)."""
-    if site.kind == "embedding":
+    module (its weight is the reader `W`; a kind that reads its module's output, a token table or a factorised
+    convolution, is cut on that output itself, `W = I`)."""
+    if SITE_KINDS[site.kind].reads_output:
         return stream_errors(site.eigenvalues)
     weight, _ = weight_and_bias(module)
     if site.kind == "ffn" and ffn_method == "select":

@@ -45,6 +45,9 @@ class ReductionPlan:
             in [0, 1) (a metric budget's gentler retry).
         embeddings (`bool`, *optional*, defaults to `False`): with `target_modules=None`, the input token table is
             a site too (factorised, [`~hf_rmtkd.layers.LowRankEmbedding`]).
+        convolutions (`str`, *optional*, defaults to `"channels"`): how a CNN's block convolutions are reduced:
+            `"channels"` narrows each block's inner channels, `"factorize"` factorises every block convolution
+            ([`~hf_rmtkd.layers.LowRankConv2d`]); also decides what a named convolution in `target_modules` is.
     """
 
     target_modules: str | list[str] | None = None
@@ -53,13 +56,15 @@ class ReductionPlan:
     ffn_method: str = "select"
     relaxation: float = 0.0
     embeddings: bool = False
+    convolutions: str = "channels"
 
     @property
     def kinds(self) -> tuple[str, ...]:
         """Site kinds selected when `target_modules` is `None`."""
-        return site_kinds(self.embeddings)
+        return site_kinds(self.embeddings, self.convolutions)
 
     def __post_init__(self) -> None:
+        self.kinds  # noqa: B018  (validates `convolutions`)
         if not isinstance(self.hidden_steps_left, int) or self.hidden_steps_left < 0:
             raise ValueError(f"`hidden_steps_left` must be an int >= 0, got {self.hidden_steps_left!r}.")
         if self.ffn_method not in FFN_METHODS:

@@ -1,6 +1,6 @@
 """What a reduction leaves in `RMTKDConfig`: one typed record per reduced site, with to/from dict and validation here.
 
-Four kinds:
+Five kinds:
 
 * [`FFNRecord`] (`kind="ffn"`): the inner width of a feed-forward (or conv) block: the consumer at `path` and its
   `producers` were narrowed to `rank` channels.
@@ -8,6 +8,8 @@ Four kinds:
   dense for speed by [`hf_rmtkd.latency`]).
 * [`EmbeddingRecord`] (`kind="embedding"`): the input token table factorised as `up(down(ids))` of rank `rank`
   (`in_features` is the vocabulary size, `out_features` the embedding width).
+* [`ConvRecord`] (`kind="conv"`): one convolution factorised as a `k x k` convolution to `rank` channels and a
+  `1 x 1` convolution back (`in_features`/`out_features` are its channels).
 * [`HiddenRecord`] (`kind="hidden"`): the width of the whole residual stream; it is not a module, so it has its own
   field of the config (`RMTKDConfig.hidden_width`), and it carries the base-config values that rebuild it.
 
@@ -151,6 +153,15 @@ class EmbeddingRecord(ModuleRecord):
 
 
 @dataclass(kw_only=True)
+class ConvRecord(ModuleRecord):
+    """A convolution `(in_features, out_features)` channels factorised as a convolution with its own kernel to `rank`
+    channels, then a `1 x 1` convolution back (`bias`: on the second, the mean correction of the dropped
+    directions)."""
+
+    kind: ClassVar[str] = "conv"
+
+
+@dataclass(kw_only=True)
 class HiddenRecord(ReductionRecord):
     """The width of the residual stream: `dim -> rank`.
 
@@ -185,9 +196,9 @@ class HiddenRecord(ReductionRecord):
 
 
 RECORD_KINDS: dict[str, type[ReductionRecord]] = {
-    cls.kind: cls for cls in (FFNRecord, LinearRecord, EmbeddingRecord, HiddenRecord)
+    cls.kind: cls for cls in (FFNRecord, LinearRecord, EmbeddingRecord, ConvRecord, HiddenRecord)
 }
-MODULE_KINDS = ("ffn", "linear", "embedding")
+MODULE_KINDS = ("ffn", "linear", "embedding", "conv")
 
 
 def record_from_dict(values: dict | ReductionRecord, where: str = "record") -> ReductionRecord:

@@ -1,5 +1,5 @@
 """Where a model can be reduced: FFN and conv-block inner widths, low-rank `nn.Linear` sites, the input embedding
-table, peft-style matching."""
+table, factorised convolutions, peft-style matching; and the registry of site kinds ([`SITE_KINDS`])."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .layers import LowRankEmbedding, LowRankLinear
+from .layers import LowRankConv2d, LowRankEmbedding, LowRankLinear
 
 
 # Feed-forward blocks, as paths relative to their parent: (producers of the inner width, consumer of it).
@@ -34,16 +34,55 @@ REDUCIBLE_LINEAR_TYPES = (*LINEAR_TYPES, LowRankLinear)
 CONV_TYPES = (nn.Conv2d, nn.BatchNorm2d)
 # Embedding sites: the model's input token table (and an earlier factorisation of it, refactorised the same way).
 EMBEDDING_TYPES = (nn.Embedding, LowRankEmbedding)
-LOW_RANK_TYPES = (LowRankLinear, LowRankEmbedding)
+# Convolution sites (factorised): a dense convolution, or an earlier factorisation of one.
+CONV_SITE_TYPES = (nn.Conv2d, LowRankConv2d)
+LOW_RANK_TYPES = (LowRankLinear, LowRankEmbedding, LowRankConv2d)
 DEFAULT_KINDS = ("ffn", "linear")
+# How the convolutions of a CNN's blocks are reduced: "channels" narrows a block's inner channels (an "ffn" site of
+# `CONV_PATTERNS`); "factorize" factorises every block convolution instead (a "conv" site each).
+CONVOLUTIONS = ("channels", "factorize")
 
 
-def site_kinds(embeddings: bool = False) -> tuple[str, ...]:
-    """The site kinds a reduction selects by default: FFN and linear sites, and the token table with `embeddings`."""
-    return (*DEFAULT_KINDS, "embedding") if embeddings else DEFAULT_KINDS
+@dataclass(frozen=True)
+class SiteKind:
+    """What every module reading a site needs to know about its kind: the one place these rules live.
+
+    Attributes:
+        name (`str`): the kind, as in `Site.kind` and the records.
+        reads_output (`bool`): the covariance is of the module's *output* (an embedding table, whose input is ids;
+            a factorised convolution, whose best rank-`k` map keeps the top output directions), so the site's width
+            is the module's output width and a rank-`k` cut leaves the tail eigenvalues as its output error.
+    """
+
+    name: str
+    reads_output: bool = False
 
 
-SUPPORTED_TYPES = ("torch.nn.Linear", "transformers.pytorch_utils.Conv1D", "torch.nn.Embedding")
+SITE_KINDS: dict[str, SiteKind] = {
+    kind.name: kind
+    for kind in (SiteKind("ffn"), SiteKind("linear"), SiteKind("embedding", True), SiteKind("conv", True))
+}
+
+
+def site_kinds(embeddings: bool = False, convolutions: str = "channels") -> tuple[str, ...]:
+    """The site kinds a reduction selects by default: FFN and linear sites, the token table with `embeddings`, and
+    every block convolution (factorised, instead of conv blocks' inner channels) with `convolutions="factorize"`.
+
+    Raises:
+        `ValueError` for a `convolutions` not in `CONVOLUTIONS`.
+    """
+    if convolutions not in CONVOLUTIONS:
+        raise ValueError(f"`convolutions` must be one of {CONVOLUTIONS}, got {convolutions!r}.")
+    kinds = (*DEFAULT_KINDS, "embedding") if embeddings else DEFAULT_KINDS
+    return (*kinds, "conv") if convolutions == "factorize" else kinds
+
+
+SUPPORTED_TYPES = (
+    "torch.nn.Linear",
+    "transformers.pytorch_utils.Conv1D",
+    "torch.nn.Embedding",
+    "torch.nn.Conv2d (convolutions='factorize')",
+)
 # Linear sites default to the repeated blocks: a path with a layer index. Heads, poolers and embeddings
 # are left alone unless named explicitly.
 _BLOCK_INDEX = re.compile(r"\.\d+\.")
@@ -55,10 +94,11 @@ class Site:
 
     Attributes:
         name (`str`): path of the consumer module; its input covariance drives the reduction.
-        kind (`str`): `"ffn"` (shrink the inner width of a feed-forward block), `"linear"` (factorise) or
-            `"embedding"` (factorise the input token table; its *output* covariance drives the reduction).
+        kind (`str`): a key of [`SITE_KINDS`]: `"ffn"` (shrink the inner width of a feed-forward block), `"linear"`
+            (factorise), `"embedding"` (factorise the input token table) or `"conv"` (factorise a convolution); the
+            last two are driven by their *output* covariance.
         producers (`list[str]`): for `"ffn"`, the modules whose outputs form the inner width.
-        dim (`int`): width `d` of the consumer's input (an embedding's output width).
+        dim (`int`): width `d` of the consumer's input (the output width for a kind that reads outputs).
     """
 
     name: str
@@ -69,14 +109,14 @@ class Site:
 
 def linear_shape(module: nn.Module) -> tuple[int, int]:
     """`(in_features, out_features)` of an `nn.Linear`, a GPT-2 `Conv1D` or a `LowRankLinear`; channels of an
-    `nn.Conv2d`/`BatchNorm2d`; `(num_embeddings, embedding_dim)` of an embedding table."""
+    `nn.Conv2d`/`BatchNorm2d`/`LowRankConv2d`; `(num_embeddings, embedding_dim)` of an embedding table."""
     if isinstance(module, EMBEDDING_TYPES):
         return module.num_embeddings, module.embedding_dim
     if isinstance(module, (nn.Linear, LowRankLinear)):
         return module.in_features, module.out_features
     if isinstance(module, Conv1D):
         return module.weight.shape[0], module.weight.shape[1]
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, CONV_SITE_TYPES):
         return module.in_channels, module.out_channels
     if isinstance(module, nn.BatchNorm2d):
         return module.num_features, module.num_features
@@ -103,9 +143,11 @@ def _block_types_match(modules: list[nn.Module], conv: bool) -> bool:
     )
 
 
-def find_ffn_sites(model: nn.Module) -> list[Site]:
-    """Every block inner width whose layout matches one of `FFN_PATTERNS` or `CONV_PATTERNS` (kind `"ffn"`)."""
-    patterns = [(p, c, False) for p, c in FFN_PATTERNS.values()] + [(p, c, True) for p, c in CONV_PATTERNS.values()]
+def find_ffn_sites(model: nn.Module, conv_blocks: bool = True) -> list[Site]:
+    """Every block inner width whose layout matches one of `FFN_PATTERNS` or (with `conv_blocks`) `CONV_PATTERNS`
+    (kind `"ffn"`)."""
+    patterns = [(p, c, False) for p, c in FFN_PATTERNS.values()]
+    patterns += [(p, c, True) for p, c in CONV_PATTERNS.values()] if conv_blocks else []
     sites = []
     for parent_name, _ in model.named_modules():
         prefix = f"{parent_name}." if parent_name else ""
@@ -161,6 +203,34 @@ def find_embedding_sites(model: nn.Module) -> list[Site]:
     return [embedding_site(model, name) for name, module in model.named_modules() if module is table][:1]
 
 
+def conv_site(model: nn.Module, name: str) -> Site:
+    """The conv site of the convolution at `name` (its width is the output channels, whose covariance drives it).
+
+    Raises:
+        `ValueError` for a grouped or depthwise convolution (its factorisation would mix the groups).
+    """
+    conv = model.get_submodule(name)
+    if getattr(conv, "groups", 1) != 1:
+        raise ValueError(
+            f"The convolution {name!r} has groups={conv.groups}: only ungrouped convolutions (groups=1) are factorised."
+        )
+    return Site(name, "conv", linear_shape(conv)[1])
+
+
+def find_conv_sites(model: nn.Module) -> list[Site]:
+    """Every ungrouped `nn.Conv2d` (or `LowRankConv2d`) inside the repeated blocks (a path with a layer index), kind
+    `"conv"`; the stem and the parts of a factorisation never are."""
+    low_rank = _low_rank_paths(model)
+    return [
+        conv_site(model, name)
+        for name, module in model.named_modules()
+        if isinstance(module, CONV_SITE_TYPES)
+        and getattr(module, "groups", 1) == 1
+        and not _inside(name, low_rank)
+        and _BLOCK_INDEX.search(f".{name}.")
+    ]
+
+
 def _inside(name: str, parents: list[str]) -> bool:
     return any(name.startswith(parent + ".") for parent in parents)
 
@@ -171,13 +241,17 @@ def find_sites(model: nn.Module, kinds: tuple[str, ...] = DEFAULT_KINDS) -> list
     FFN sites come from `FFN_PATTERNS`; linear sites are the remaining `nn.Linear`/`Conv1D` modules inside the
     repeated blocks (paths with a layer index), so output heads, poolers and embeddings are never touched by default.
     With `"embedding"` in `kinds`, the input token table is a site too (when it is not tied to the output head).
+    With `"conv"` in `kinds`, every block convolution is a conv site (factorised) and conv blocks are no FFN sites.
     A `LowRankLinear` (an earlier factorisation) is one linear site; its `down`/`up` parts never are, so compressing
     a compressed model never nests factorisations.
     """
-    ffn = find_ffn_sites(model) if "ffn" in kinds else []
-    taken = {name for site in find_ffn_sites(model) for name in (site.name, *site.producers)}
+    conv_blocks = "conv" not in kinds
+    ffn = find_ffn_sites(model, conv_blocks) if "ffn" in kinds else []
+    taken = {name for site in find_ffn_sites(model, conv_blocks) for name in (site.name, *site.producers)}
     low_rank = _low_rank_paths(model)
     sites = {site.name: site for site in ffn}
+    if "conv" in kinds:
+        sites.update({site.name: site for site in find_conv_sites(model) if site.name not in taken})
     if "linear" in kinds:
         for name, module in model.named_modules():
             if (
@@ -242,7 +316,8 @@ def select_sites(
             `LowRankLinear`) becomes a linear site, an `nn.Embedding` (or `LowRankEmbedding`) an embedding site; the
             `down`/`up` parts of a factorisation never do. `None` selects every default site of `kinds`; an empty
             list selects none.
-        kinds (`tuple[str, ...]`, *optional*): site kinds considered when `target_modules` is `None`.
+        kinds (`tuple[str, ...]`, *optional*): site kinds considered when `target_modules` is `None`; with `"conv"`
+            among them, a named `nn.Conv2d` (or `LowRankConv2d`) is a conv site and conv blocks are no FFN sites.
 
     Raises:
         `ValueError` if `target_modules` (a regex), or any entry of the list, selects no site (with close matches),
@@ -259,7 +334,7 @@ def select_sites(
         return sites
     if isinstance(target_modules, (list, tuple)) and not target_modules:
         return []
-    ffn = find_ffn_sites(model)
+    ffn = find_ffn_sites(model, conv_blocks="conv" not in kinds)
     low_rank = _low_rank_paths(model)
     in_ffn = {name for site in ffn for name in (site.name, *site.producers)}
     chosen = {s.name: s for s in ffn if any(_matches(n, target_modules) for n in (s.name, *s.producers))}
@@ -270,6 +345,8 @@ def select_sites(
             chosen[name] = Site(name, "linear", linear_shape(module)[0])
         elif isinstance(module, EMBEDDING_TYPES):
             chosen[name] = embedding_site(model, name)
+        elif isinstance(module, CONV_SITE_TYPES) and "conv" in kinds:
+            chosen[name] = conv_site(model, name)
         elif not any(isinstance(child, LINEAR_TYPES) for child in module.modules()):
             raise TypeError(
                 f"`target_modules` selects {name!r} of type {type(module).__name__}, which cannot be reduced; "

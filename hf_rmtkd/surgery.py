@@ -27,6 +27,15 @@ saves parameters, `k (d_in + d_out) < d_in d_out`. A `LowRankLinear` site (a sec
 same way from the dense map `up.W down.W` it computes, when the new rank is lower than its own; it stays one
 `LowRankLinear` (never nested).
 
+Convolution (`kind="conv"`, with `convolutions="factorize"`): the statistics are of the convolution's *output*
+over spatial positions. With `U` the top-`k` eigenvectors of that covariance and `mu` its mean,
+`y ~ U U^T y + (I - U U^T) mu`: a convolution with the original kernel `U^T W` to `k` channels, then a `1 x 1`
+convolution `U` whose bias carries `U U^T b` and the mean of the dropped directions
+([`~hf_rmtkd.layers.LowRankConv2d`]). Among all rank-`k` maps of the layer this is the one with the least mean-square
+output error on the calibration data (the data-aware counterpart of truncating the weight's SVD); it is exact at
+every position, the border included. Applied only where it saves parameters, `k (C_in kh kw + C_out) <
+C_in C_out kh kw`.
+
 Embedding table (`kind="embedding"`): the statistics are of the table's *output* (the rows the calibration tokens
 look up, so frequent tokens weigh more). With `U` the top-`k` eigenvectors of that covariance and `mu` its mean,
 `E[t] ~ U U^T E[t] + (I - U U^T) mu`: a `(V, k)` table `E U` and a `k -> d` linear map `U` whose bias carries the
@@ -41,9 +50,17 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .hidden_reload import widen_attention
-from .layers import LowRankEmbedding, LowRankLinear
-from .records import EmbeddingRecord, FFNRecord, HiddenRecord, LinearRecord, ModuleRecord, provenance_of
-from .sites import linear_shape
+from .layers import LowRankConv2d, LowRankEmbedding, LowRankLinear
+from .records import (
+    ConvRecord,
+    EmbeddingRecord,
+    FFNRecord,
+    HiddenRecord,
+    LinearRecord,
+    ModuleRecord,
+    provenance_of,
+)
+from .sites import SITE_KINDS, linear_shape
 
 
 FFN_METHODS = ("select", "project")
@@ -65,6 +82,10 @@ def weight_and_bias(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
         down, _ = weight_and_bias(module.down)
         weight, bias = weight_and_bias(module.up)
         return weight @ down, bias
+    if isinstance(module, LowRankConv2d):
+        down, _ = weight_and_bias(module.down)
+        up, bias = weight_and_bias(module.up)
+        return torch.einsum("ok,kiyx->oiyx", up[:, :, 0, 0], down), bias
     weight = module.weight.detach().to(device="cpu", dtype=torch.float64)
     if isinstance(module, Conv1D):
         weight = weight.T
@@ -144,6 +165,9 @@ def apply_structure(model: nn.Module, records: dict[str, ModuleRecord], hidden: 
         rank = record.rank
         # The mean correction can give a bias-free layer a bias: the record says which.
         bias = record.bias if record.bias is not None else getattr(consumer, "bias", None) is not None
+        if isinstance(record, ConvRecord):
+            _set_module(model, path, LowRankConv2d.like(consumer, rank, bias))
+            continue
         if isinstance(record, EmbeddingRecord):
             reference = next(consumer.parameters())
             table = LowRankEmbedding(in_features, out_features, rank, bias, consumer.padding_idx)
@@ -306,6 +330,26 @@ def _reduce_embedding(model: nn.Module, site, centered: bool) -> bool:
     return new_bias is not None
 
 
+def _reduce_conv(model: nn.Module, site, centered: bool) -> bool:
+    module = model.get_submodule(site.name)
+    weight, bias = weight_and_bias(module)  # (C_out, C_in, kh, kw)
+    basis = site.eigenvectors[:, : site.rank]  # (C_out, k), orthonormal columns
+    # The output is W * x + b; keep U U^T (W * x + b) and, centred, the dropped directions' mean (I - U U^T) mu.
+    new_bias = None if bias is None else basis @ (basis.T @ bias)
+    if centered:
+        mu = site.statistics.mean
+        offset = mu - basis @ (basis.T @ mu)
+        new_bias = offset if new_bias is None else new_bias + offset
+    new = LowRankConv2d.like(module, site.rank, bias=new_bias is not None)
+    with torch.no_grad():
+        new.down.weight.copy_(torch.einsum("ok,oiyx->kiyx", basis, weight).to(new.down.weight.dtype))
+        new.up.weight.copy_(basis[:, :, None, None].to(new.up.weight.dtype))
+        if new_bias is not None:
+            new.up.bias.copy_(new_bias.to(new.up.bias.dtype))
+    _set_module(model, site.name, new)
+    return new_bias is not None
+
+
 def _check_site_matches(model: nn.Module, site, in_features: int) -> None:
     """Refuse an analysis whose widths are not the model's (a stale report, or one from another model)."""
     widths = {site.name: in_features}
@@ -338,28 +382,30 @@ def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str =
         raise ValueError(f"`ffn_method` must be one of {FFN_METHODS}, got {ffn_method!r}.")
     module = model.get_submodule(site.name)
     in_features, out_features = linear_shape(module)
-    # An embedding site is analysed at its output width.
-    _check_site_matches(model, site, out_features if site.kind == "embedding" else in_features)
+    # A kind that reads outputs (a token table, a factorised convolution) is analysed at its output width.
+    _check_site_matches(model, site, out_features if SITE_KINDS[site.kind].reads_output else in_features)
     if site.rank >= site.dim:
         return None
-    if site.kind == "embedding":
-        if not saves_parameters(in_features, out_features, site.rank):
-            return None
-        if isinstance(module, LowRankEmbedding) and site.rank >= module.rank:
-            return None
-        bias = _reduce_embedding(model, site, centered)
-    elif site.kind == "linear":
-        if not saves_parameters(in_features, out_features, site.rank):
-            return None
-        if isinstance(module, LowRankLinear) and site.rank >= module.rank:
-            return None  # already at this rank or lower
-        bias = _reduce_linear(model, site, centered)
-    else:
-        bias = _reduce_ffn(model, site, centered, ffn_method)
     provenance = provenance_of(site)
-    shape = {"in_features": in_features, "out_features": out_features, "rank": site.rank, "bias": bias}
     if site.kind == "ffn":
+        bias = _reduce_ffn(model, site, centered, ffn_method)
+        shape = {"in_features": in_features, "out_features": out_features, "rank": site.rank, "bias": bias}
         return FFNRecord(**shape, **provenance, producers=list(site.producers), ffn_method=ffn_method)
-    if site.kind == "embedding":
-        return EmbeddingRecord(**shape, **provenance)
-    return LinearRecord(**shape, **provenance)
+    reduce, factorised, record = _FACTORISATIONS[site.kind]
+    # A convolution's dense cost per unit of rank counts its kernel: `C_in kh kw` weights in, `C_out` out.
+    width_in = module.down.weight[0].numel() if isinstance(module, LowRankConv2d) else in_features
+    width_in = module.weight[0].numel() if isinstance(module, nn.Conv2d) else width_in
+    if not saves_parameters(width_in, out_features, site.rank):
+        return None
+    if isinstance(module, factorised) and site.rank >= module.rank:
+        return None  # already at this rank or lower
+    bias = reduce(model, site, centered)
+    return record(in_features=in_features, out_features=out_features, rank=site.rank, bias=bias, **provenance)
+
+
+# Factorising kinds: the surgery, the module it leaves, and its record.
+_FACTORISATIONS = {
+    "linear": (_reduce_linear, LowRankLinear, LinearRecord),
+    "embedding": (_reduce_embedding, LowRankEmbedding, EmbeddingRecord),
+    "conv": (_reduce_conv, LowRankConv2d, ConvRecord),
+}

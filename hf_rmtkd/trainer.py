@@ -280,6 +280,7 @@ class RMTKDTrainer(Trainer):
             hidden_steps_left=steps_left if hidden else 0,
             ffn_method=args.reduction_ffn_method,
             relaxation=relaxation,
+            convolutions=args.reduction_convolutions,
         )
         progress = self.is_world_process_zero() and not args.disable_tqdm
         options = args.spectral_options()

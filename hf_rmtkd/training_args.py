@@ -9,7 +9,7 @@ from transformers import TrainingArguments
 
 from .analysis import SpectralOptions
 from .distillation import EMBEDDING_DISTANCES
-from .sites import site_kinds
+from .sites import CONVOLUTIONS, site_kinds
 from .surgery import FFN_METHODS
 
 
@@ -108,6 +108,11 @@ class RMTKDTrainingArguments(TrainingArguments):
             table's output over the calibration tokens), after the blocks (with `layerwise`, the last reduction), with the default sites
             (`reduction_target_modules` unset). The table is most of a small encoder (52% of MiniLM, 76% once its
             width is reduced). Refused for a table tied to the output head.
+        reduction_convolutions (`str`, *optional*, defaults to `"channels"`):
+            How a CNN's block convolutions are reduced: `"channels"` keeps the MP rule's number of each block's inner
+            channels (the paper's CNN site), `"factorize"` factorises every block convolution (a `k x k` convolution to
+            `k` channels, then a `1 x 1` one back; `k` by the MP rule on its output covariance). It also decides what a
+            convolution named in `reduction_target_modules` is.
         reduction_rank_multiple (`int`, *optional*, defaults to 1):
             Round every retained rank up to a multiple of this, >= 1 (8 or 16 for GPU-friendly shapes).
         reduction_max_output_error (`float`, *optional*):
@@ -188,6 +193,10 @@ class RMTKDTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Also factorise the input token table (the last reduction); not for tied heads."},
     )
+    reduction_convolutions: str = field(
+        default="channels",
+        metadata={"help": "CNN block convolutions: 'channels' (narrow inner channels) or 'factorize' (each conv)."},
+    )
     reduction_rank_multiple: int = field(default=1, metadata={"help": "Round ranks up to a multiple of this."})
     reduction_max_output_error: float | None = field(
         default=None,
@@ -245,6 +254,7 @@ class RMTKDTrainingArguments(TrainingArguments):
                 f"`reduction_embeddings`=True applies to the default sites; `reduction_target_modules` is set "
                 f"({self.reduction_target_modules!r}): name the token table there instead (e.g. 'word_embeddings')."
             )
+        self._check_choice("reduction_convolutions", self.reduction_convolutions, CONVOLUTIONS)
         if self.reduction_budget_retries < 0:
             raise ValueError(f"`reduction_budget_retries` must be >= 0, got {self.reduction_budget_retries}.")
         if self.reduction_target_params is not None and self.reduction_target_params < 1:
@@ -254,7 +264,7 @@ class RMTKDTrainingArguments(TrainingArguments):
 
     def site_kinds(self) -> tuple[str, ...]:
         """Site kinds reduced when `reduction_target_modules` is unset."""
-        return site_kinds(self.reduction_embeddings)
+        return site_kinds(self.reduction_embeddings, self.reduction_convolutions)
 
     def term_weight(self, term: str) -> float:
         """The weight of a representation term, `"hidden"` or `"attention"`: the field's value, or when it is unset

@@ -178,7 +178,7 @@ class TestConfig:
     @pytest.mark.parametrize(
         "record,match",
         [
-            ({"kind": "conv", "in_features": 4, "out_features": 4, "rank": 2}, "kind` must be one of"),
+            ({"kind": "attention", "in_features": 4, "out_features": 4, "rank": 2}, "kind` must be one of"),
             ({"kind": "linear", "in_features": 4, "out_features": 4, "rank": 0}, "rank` must be a positive int"),
             ({"kind": "linear", "in_features": 4, "rank": 2}, "missing \\['out_features'\\]"),
             ({"kind": "ffn", "in_features": 4, "out_features": 4, "rank": 2}, "missing \\['producers'\\]"),

@@ -11,7 +11,7 @@ from conftest import REPO_ROOT, tiny_config
 from datasets import Dataset
 from testing_utils import WORDS, word_tokenizer
 
-from hf_rmtkd import RMTKDTrainer
+from hf_rmtkd import LowRankConv2d, RMTKDTrainer
 
 
 def _blocks() -> list[str]:
@@ -117,4 +117,8 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
         and "bert.embeddings.word_embeddings" in trainer.model.config.ranks()
     )
     assert trainer.teacher.model.config.hidden_size == 32  # the original teacher
-    assert {budget, hub, int8, sentence, high, 0, 1, 2} == set(range(len(blocks))), "a README block that no test runs"
+    conv = next(i for i, block in enumerate(blocks) if 'convolutions="factorize"' in block)
+    exec(blocks[conv], namespace)  # factorised convolutions on a CIFAR ResNet-20
+    assert isinstance(namespace["compressed"].model.layer3[0].conv1, LowRankConv2d)
+    blocks_run = {budget, hub, int8, sentence, high, conv, 0, 1, 2}
+    assert blocks_run == set(range(len(blocks))), "a README block that no test runs"

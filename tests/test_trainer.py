@@ -301,7 +301,7 @@ class TestArguments:
             if f.name not in {g.name for g in dataclasses.fields(tf.TrainingArguments)}
         ]
         doc = inspect.getdoc(RMTKDTrainingArguments)
-        assert len(own) == 31
+        assert len(own) == 32
         for name in own:
             assert f"{name} (`" in doc, name
             assert dataclasses.fields(RMTKDTrainingArguments)[

@@ -22,6 +22,9 @@ from hf_rmtkd.example_data import CifarImages, read_split
 from hf_rmtkd.reporting import machine_line, write_results
 
 
+STRUCTURES = {"channels": "channel selection", "factorize": "factorised convolutions, output PCA"}
+
+
 @dataclass
 class CutArguments:
     teacher: str = field(
@@ -29,6 +32,10 @@ class CutArguments:
     )
     data_dir: str = field(metadata={"help": "CIFAR-10 JPEG folder with train.parquet and test.parquet."})
     target_modules: str | None = field(default=None, metadata={"help": "Sites to reduce (regex); default all."})
+    convolutions: str = field(
+        default="channels",
+        metadata={"help": "'channels' (inner channels kept) or 'factorize' (each conv factorised)."},
+    )
     calibration_samples: int = field(default=2000, metadata={"help": "Training images for the spectra."})
     eval_samples: int = field(default=3000, metadata={"help": "Test images scored (the first ones)."})
     results_file: str | None = field(default=None, metadata={"help": "Markdown file for the table."})
@@ -57,7 +64,13 @@ def main(args: CutArguments) -> None:
 
     calibration, test = loader("train", args.calibration_samples), loader("test", args.eval_samples)
     total = sum(p.numel() for p in teacher.parameters())
-    ours = hf_rmtkd.compress(copy.deepcopy(teacher), calibration, target_modules=args.target_modules, progress=False)
+    ours = hf_rmtkd.compress(
+        copy.deepcopy(teacher),
+        calibration,
+        target_modules=args.target_modules,
+        progress=False,
+        convolutions=args.convolutions,
+    )
     svd, _ = svd_like(teacher, ours.config.reduced_modules, ours.model)
     lines = [
         "# Accuracy at the cut, before any training",
@@ -74,7 +87,7 @@ def main(args: CutArguments) -> None:
     ]
     for name, model in (
         ("teacher", teacher),
-        ("RMT-KD, MP ranks (channel selection)", ours),
+        (f"RMT-KD, MP ranks ({STRUCTURES[args.convolutions]})", ours),
         ("truncated SVD, same per-block parameters", svd),
     ):
         params = sum(p.numel() for p in model.parameters())
