@@ -11,6 +11,7 @@ from torch import nn
 import hf_rmtkd
 from hf_rmtkd import ResNetCifarConfig, ResNetCifarForImageClassification
 from hf_rmtkd.layers import LowRankConv2d
+from hf_rmtkd.model_card import reduced_module_rows
 from hf_rmtkd.records import ConvRecord, record_from_dict
 from hf_rmtkd.sites import find_sites, select_sites, site_kinds
 from hf_rmtkd.surgery import reduce_site
@@ -118,19 +119,19 @@ class TestConvSurgery:
             torch.testing.assert_close(model(images).logits, reference, rtol=0, atol=1e-5)
 
     def test_a_rank_that_saves_nothing_leaves_the_conv_dense(self):
-        model = _tiny_resnet()
-        report = hf_rmtkd.analyze(
-            model, [_images(seed=1)], target_modules=["layer1.0.conv1"], convolutions="factorize", progress=False
-        )
-        site = report["layer1.0.conv1"]
-        site.rank = 3  # 3 (4 * 9 + 4) = 120 weights against 144: saves; 4 would be the full width
-        assert reduce_site(model, site) is not None
-        site = hf_rmtkd.analyze(
-            _tiny_resnet(), [_images(seed=1)], target_modules=["layer1.0.conv2"], convolutions="factorize",
-            progress=False,
-        )["layer1.0.conv2"]  # fmt: skip
+        # A 1 x 1 conv 8 -> 8: rank k costs k (8 + 8) weights against 64, so only k <= 3 saves.
+        model = nn.Sequential(nn.Sequential(nn.Conv2d(8, 8, 1)))
+        images = [torch.randn(4, 8, 6, 6, generator=torch.Generator().manual_seed(0))]
+        site = hf_rmtkd.analyze(model, images, convolutions="factorize", progress=False)["0.0"]
         site.rank = 4
-        assert reduce_site(_tiny_resnet(), site) is None
+        assert reduce_site(model, site) is None and type(model[0][0]) is nn.Conv2d
+        site.rank = 3
+        assert reduce_site(model, site).rank == 3 and isinstance(model[0][0], LowRankConv2d)
+        # The kernel counts: a 3 x 3 conv 4 -> 4 at rank 3 is 3 (4 * 9 + 4) = 120 weights against 144.
+        model = nn.Sequential(nn.Sequential(nn.Conv2d(4, 4, 3, padding=1)))
+        site = hf_rmtkd.analyze(model, [images[0][:, :4]], convolutions="factorize", progress=False)["0.0"]
+        site.rank = 3
+        assert reduce_site(model, site).rank == 3
 
     def test_record_round_trips_through_a_dict(self):
         record = ConvRecord(in_features=8, out_features=16, rank=4, bias=True, dim=16)
@@ -152,6 +153,8 @@ class TestConvCompress:
         with torch.no_grad():
             torch.testing.assert_close(reloaded(images).logits, compressed(images).logits, rtol=0, atol=1e-6)
         assert isinstance(reloaded.model.layer3[0].conv1, LowRankConv2d)
+        rows = {row["name"]: row for row in reduced_module_rows(reloaded.config)}
+        assert (rows["layer3.0.conv1"]["kind"], rows["layer3.0.conv1"]["form"]) == ("conv", "factorised convolution")
         # A second round refactorises a LowRankConv2d from the dense map it computes, never nesting.
         path = "layer3.0.conv1"
         rank = records[path].rank
