@@ -134,6 +134,12 @@ def _assign(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) 
             module.bias.copy_(bias.to(module.bias.dtype) if bias is not None else torch.zeros_like(module.bias))
 
 
+def _inputs_per_rank(module: nn.Module, in_features: int) -> int:
+    """Input-side weights per unit of rank of a factorisation: `C_in kh kw` for a convolution, else `in_features`."""
+    conv = module.down if isinstance(module, LowRankConv2d) else module
+    return conv.weight[0].numel() if isinstance(conv, nn.Conv2d) else in_features
+
+
 def saves_parameters(in_features: int, out_features: int, rank: int) -> bool:
     """Whether a rank-`k` factorisation has fewer weights than the dense layer."""
     return rank * (in_features + out_features) < in_features * out_features
@@ -308,16 +314,22 @@ def embedding_table(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | Non
     return module.weight.detach().to(device="cpu", dtype=torch.float64), None
 
 
-def _reduce_embedding(model: nn.Module, site, centered: bool) -> bool:
-    module = model.get_submodule(site.name)
-    table, bias = embedding_table(module)
-    basis = site.eigenvectors[:, : site.rank]  # (d, k), orthonormal columns
-    # The output is t + b; keep U U^T (t + b) and, centred, the dropped directions' mean (I - U U^T) mu.
+def _kept_output_bias(site, bias: torch.Tensor | None, centered: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """For a site cut on its own output `y = f(x) + b`: the kept basis `U` `(d, k)` and the bias of `U U^T y`, which
+    is `U U^T b` plus, centred, the dropped directions' mean `(I - U U^T) mu` (`None` when there is neither)."""
+    basis = site.eigenvectors[:, : site.rank]  # orthonormal columns
     new_bias = None if bias is None else basis @ (basis.T @ bias)
     if centered:
         mu = site.statistics.mean
         offset = mu - basis @ (basis.T @ mu)
         new_bias = offset if new_bias is None else new_bias + offset
+    return basis, new_bias
+
+
+def _reduce_embedding(model: nn.Module, site, centered: bool) -> bool:
+    module = model.get_submodule(site.name)
+    table, bias = embedding_table(module)
+    basis, new_bias = _kept_output_bias(site, bias, centered)  # (d, k)
     reference = next(module.parameters())
     new = LowRankEmbedding(table.shape[0], table.shape[1], site.rank, new_bias is not None, module.padding_idx)
     new = new.to(device=reference.device, dtype=reference.dtype)
@@ -333,13 +345,7 @@ def _reduce_embedding(model: nn.Module, site, centered: bool) -> bool:
 def _reduce_conv(model: nn.Module, site, centered: bool) -> bool:
     module = model.get_submodule(site.name)
     weight, bias = weight_and_bias(module)  # (C_out, C_in, kh, kw)
-    basis = site.eigenvectors[:, : site.rank]  # (C_out, k), orthonormal columns
-    # The output is W * x + b; keep U U^T (W * x + b) and, centred, the dropped directions' mean (I - U U^T) mu.
-    new_bias = None if bias is None else basis @ (basis.T @ bias)
-    if centered:
-        mu = site.statistics.mean
-        offset = mu - basis @ (basis.T @ mu)
-        new_bias = offset if new_bias is None else new_bias + offset
+    basis, new_bias = _kept_output_bias(site, bias, centered)  # (C_out, k)
     new = LowRankConv2d.like(module, site.rank, bias=new_bias is not None)
     with torch.no_grad():
         new.down.weight.copy_(torch.einsum("ok,oiyx->kiyx", basis, weight).to(new.down.weight.dtype))
@@ -392,10 +398,7 @@ def reduce_site(model: nn.Module, site, centered: bool = True, ffn_method: str =
         shape = {"in_features": in_features, "out_features": out_features, "rank": site.rank, "bias": bias}
         return FFNRecord(**shape, **provenance, producers=list(site.producers), ffn_method=ffn_method)
     reduce, factorised, record = _FACTORISATIONS[site.kind]
-    # A convolution's dense cost per unit of rank counts its kernel: `C_in kh kw` weights in, `C_out` out.
-    width_in = module.down.weight[0].numel() if isinstance(module, LowRankConv2d) else in_features
-    width_in = module.weight[0].numel() if isinstance(module, nn.Conv2d) else width_in
-    if not saves_parameters(width_in, out_features, site.rank):
+    if not saves_parameters(_inputs_per_rank(module, in_features), out_features, site.rank):
         return None
     if isinstance(module, factorised) and site.rank >= module.rank:
         return None  # already at this rank or lower
