@@ -6,10 +6,10 @@ import copy
 import pytest
 import torch
 import transformers as tf
+from testing_utils import random_images, tiny_resnet
 from torch import nn
 
 import hf_rmtkd
-from hf_rmtkd import ResNetCifarConfig, ResNetCifarForImageClassification
 from hf_rmtkd.layers import LowRankConv2d
 from hf_rmtkd.model_card import reduced_module_rows
 from hf_rmtkd.records import ConvRecord, record_from_dict
@@ -20,42 +20,25 @@ from hf_rmtkd.surgery import reduce_site
 FACTORIZE = site_kinds(convolutions="factorize")
 
 
-def _tiny_resnet(seed=0):
-    torch.manual_seed(seed)
-    model = ResNetCifarForImageClassification(ResNetCifarConfig(depth=8, widths=[4, 8, 16], image_size=8))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.1, 0.3)
-    return model.eval()
-
-
-def _images(n=16, seed=0):
-    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
-
-
-def _plant_rank(conv: nn.Conv2d, rank: int, noise: float = 0.0, seed: int = 0) -> None:
-    """Make `conv`'s output channels combinations of `rank` filters (plus `noise` times independent filters)."""
+def _plant_rank(conv: nn.Conv2d, rank: int, seed: int = 0) -> None:
+    """Make `conv`'s output channels combinations of `rank` of its filters."""
     generator = torch.Generator().manual_seed(seed)
     weight = conv.weight
     basis = weight[:rank].clone()
     mixing = torch.randn(weight.shape[0], rank, generator=generator)
     with torch.no_grad():
         weight.copy_(torch.einsum("or,riyx->oiyx", mixing, basis))
-        weight.add_(noise * torch.randn(weight.shape, generator=generator) * basis.std())
 
 
 class TestConvSites:
     def test_every_block_conv_is_a_site_and_conv_blocks_are_not(self):
-        sites = find_sites(_tiny_resnet(), FACTORIZE)
+        sites = find_sites(tiny_resnet(), FACTORIZE)
         assert [(s.name, s.kind, s.dim) for s in sites] == [
             (f"layer{i}.0.conv{j}", "conv", w) for i, w in ((1, 4), (2, 8), (3, 16)) for j in (1, 2)
         ]
 
     def test_a_named_conv_is_a_conv_site_only_when_factorising(self):
-        model = _tiny_resnet()
+        model = tiny_resnet()
         assert [s.kind for s in select_sites(model, ["layer2.0.conv1"], FACTORIZE)] == ["conv"]
         # By default the same name selects the block's inner channels (conv1 is a producer).
         assert [s.kind for s in select_sites(model, ["layer2.0.conv1"])] == ["ffn"]
@@ -67,7 +50,7 @@ class TestConvSites:
             hf_rmtkd.RMTKDTrainingArguments(output_dir="unused", reduction_convolutions="low_rank")
 
     def test_grouped_convolution_is_refused_by_name(self):
-        model = _tiny_resnet()
+        model = tiny_resnet()
         old = model.layer2[0].conv2
         model.layer2[0].conv2 = nn.Conv2d(8, 8, 3, padding=1, groups=2, bias=False)
         assert "layer2.0.conv2" not in {s.name for s in find_sites(model, FACTORIZE)}
@@ -96,18 +79,17 @@ class TestConvSurgery:
         assert site.sigma2 == pytest.approx(0.25, rel=0.1)
 
     def test_exact_on_a_low_rank_output_with_stride_and_bias(self):
-        model = _tiny_resnet()
-        conv = model.layer2[0].conv1  # stride 2, padding 1
-        _plant_rank(conv, rank=3)
+        model = tiny_resnet()
+        # The block's first conv (stride 2, padding 1), with a bias, its 8 output channels combinations of 3 filters.
         model.layer2[0].conv1 = conv = nn.Conv2d(4, 8, 3, 2, 1, bias=True).eval()
         _plant_rank(conv, rank=3, seed=1)
         with torch.no_grad():
             conv.bias.uniform_(-0.5, 0.5)  # not in the kept span: carried by the mean correction
-        images = _images()
+        images = random_images()
         with torch.no_grad():
             reference = model(images).logits
         report = hf_rmtkd.analyze(
-            model, [_images(seed=2)], target_modules=["layer2.0.conv1"], convolutions="factorize", progress=False
+            model, [random_images(seed=2)], target_modules=["layer2.0.conv1"], convolutions="factorize", progress=False
         )
         site = report["layer2.0.conv1"]
         site.rank = 3
@@ -141,15 +123,17 @@ class TestConvSurgery:
 
 class TestConvCompress:
     def test_compress_saves_reloads_and_compresses_again(self, tmp_path):
-        model = _tiny_resnet()
+        model = tiny_resnet()
         before = model.num_parameters()
-        compressed = hf_rmtkd.compress(model, [_images(64, seed=2)], convolutions="factorize", progress=False).eval()
+        compressed = hf_rmtkd.compress(
+            model, [random_images(64, seed=2)], convolutions="factorize", progress=False
+        ).eval()
         records = compressed.config.reduced_modules
         assert records and all(isinstance(r, ConvRecord) for r in records.values())
         assert compressed.num_parameters() < before
         compressed.save_pretrained(tmp_path / "once")
         reloaded = tf.AutoModelForImageClassification.from_pretrained(tmp_path / "once").eval()
-        images = _images(seed=3)
+        images = random_images(seed=3)
         with torch.no_grad():
             torch.testing.assert_close(reloaded(images).logits, compressed(images).logits, rtol=0, atol=1e-6)
         assert isinstance(reloaded.model.layer3[0].conv1, LowRankConv2d)
@@ -159,7 +143,7 @@ class TestConvCompress:
         path = "layer3.0.conv1"
         rank = records[path].rank
         report = hf_rmtkd.analyze(
-            reloaded, [_images(64, seed=4)], target_modules=[path], convolutions="factorize", progress=False
+            reloaded, [random_images(64, seed=4)], target_modules=[path], convolutions="factorize", progress=False
         )
         assert report[path].rank <= rank  # the output of a rank-k factorisation has at most k directions
         site = report[path]
@@ -169,7 +153,7 @@ class TestConvCompress:
         conv = inner.layer3[0].conv1
         assert isinstance(conv, LowRankConv2d) and conv.rank == rank - 1 and type(conv.down) is nn.Conv2d
         twice = hf_rmtkd.compress(
-            reloaded, [_images(64, seed=4)], target_modules=["layer3.0.conv2"], convolutions="factorize",
+            reloaded, [random_images(64, seed=4)], target_modules=["layer3.0.conv2"], convolutions="factorize",
             progress=False,
         )  # fmt: skip
         twice.save_pretrained(tmp_path / "twice")
@@ -182,8 +166,8 @@ def test_trainer_factorises_block_convolutions_and_saves_a_loadable_model(tmp_pa
     from datasets import Dataset
     from testing_utils import trainer_args
 
-    model = _tiny_resnet().train()
-    images = _images(64, seed=5)
+    model = tiny_resnet().train()
+    images = random_images(64, seed=5)
     data = Dataset.from_dict(
         {"pixel_values": images.tolist(), "labels": (images[:, 0].mean((1, 2)) > 0).long().tolist()}
     )
@@ -197,6 +181,6 @@ def test_trainer_factorises_block_convolutions_and_saves_a_loadable_model(tmp_pa
     assert len(records) == 6 and all(isinstance(r, ConvRecord) for r in records.values())
     trainer.save_model(tmp_path / "saved")
     reloaded = tf.AutoModelForImageClassification.from_pretrained(tmp_path / "saved").eval()
-    check = _images(seed=6)
+    check = random_images(seed=6)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(check).logits, trainer.model.eval()(check).logits, rtol=0, atol=1e-5)

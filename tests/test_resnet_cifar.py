@@ -4,30 +4,13 @@ import pytest
 import torch
 import transformers as tf
 from conftest import SHARED_DATA
-from torch import nn
+from testing_utils import random_images, tiny_resnet
 
 import hf_rmtkd
-from hf_rmtkd import ResNetCifarConfig, ResNetCifarForImageClassification
+from hf_rmtkd import ResNetCifarConfig
 from hf_rmtkd.models.resnet_cifar import load_original_checkpoint
 from hf_rmtkd.sites import find_sites
 from hf_rmtkd.surgery import reduce_site
-
-
-def _tiny_resnet(seed=0):
-    torch.manual_seed(seed)
-    model = ResNetCifarForImageClassification(ResNetCifarConfig(depth=8, widths=[4, 8, 16], image_size=8))
-    # Non-trivial BatchNorm statistics, as in a trained network.
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 1.5)
-                module.bias.uniform_(-0.1, 0.3)
-    return model.eval()
-
-
-def _images(n=16, seed=0, size=8):
-    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
 class TestResNetCifar:
@@ -36,24 +19,24 @@ class TestResNetCifar:
             ResNetCifarConfig(depth=21)
 
     def test_block_inner_widths_are_the_default_sites(self):
-        sites = find_sites(_tiny_resnet())
+        sites = find_sites(tiny_resnet())
         assert [(s.name, s.kind, s.dim, s.producers) for s in sites] == [
             (f"layer{i}.0.conv2", "ffn", w, [f"layer{i}.0.conv1", f"layer{i}.0.bn1"])
             for i, w in ((1, 4), (2, 8), (3, 16))
         ]
 
     def test_redundant_channels_are_removed_exactly(self):
-        model = _tiny_resnet()
+        model = tiny_resnet()
         block = model.layer2[0]
         with torch.no_grad():  # channels 3..7 copy channels 0..2: the inner activation has rank 3
             source = torch.arange(8) % 3
             block.conv1.weight.copy_(block.conv1.weight[source])
             for name in ("weight", "bias", "running_mean", "running_var"):
                 getattr(block.bn1, name).copy_(getattr(block.bn1, name)[source])
-        images = _images()
+        images = random_images()
         with torch.no_grad():
             reference = model(images).logits
-        report = hf_rmtkd.analyze(model, [_images(seed=1)], target_modules=["layer2.0.conv2"], progress=False)
+        report = hf_rmtkd.analyze(model, [random_images(seed=1)], target_modules=["layer2.0.conv2"], progress=False)
         site = report["layer2.0.conv2"]
         assert site.n_samples == 16 * 4 * 4  # one sample per spatial position of conv2's input
         site.rank = 3
@@ -64,14 +47,14 @@ class TestResNetCifar:
             torch.testing.assert_close(model(images).logits, reference, rtol=0, atol=1e-5)
 
     def test_compress_save_and_reload_with_auto_class(self, tmp_path):
-        model = _tiny_resnet()
+        model = tiny_resnet()
         before = model.num_parameters()
-        compressed = hf_rmtkd.compress(model, [_images(64, seed=2)], progress=False, min_rank=2).eval()
+        compressed = hf_rmtkd.compress(model, [random_images(64, seed=2)], progress=False, min_rank=2).eval()
         assert type(compressed).__name__ == "RMTKDForImageClassification"
         assert compressed.num_parameters() < before
         compressed.save_pretrained(tmp_path)
         reloaded = tf.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
-        images = _images(seed=3)
+        images = random_images(seed=3)
         with torch.no_grad():
             torch.testing.assert_close(
                 reloaded(pixel_values=images).logits, compressed(pixel_values=images).logits, rtol=0, atol=1e-5
@@ -79,9 +62,9 @@ class TestResNetCifar:
         assert reloaded.num_parameters() == compressed.num_parameters()
 
     def test_project_method_is_refused_for_conv_blocks(self):
-        model = _tiny_resnet()
+        model = tiny_resnet()
         with pytest.raises(ValueError, match="not defined for the convolutional block 'layer1.0.conv2'"):
-            hf_rmtkd.compress(model, [_images()], ffn_method="project", progress=False)
+            hf_rmtkd.compress(model, [random_images()], ffn_method="project", progress=False)
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "resnet_cifar10").exists(), reason="needs ../shared/data/resnet_cifar10")

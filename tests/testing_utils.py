@@ -120,3 +120,24 @@ def planted_llama(k=12, seed=0):
             layer.post_attention_layernorm.weight.uniform_(0.5, 1.5)
         model.model.norm.weight.uniform_(0.5, 1.5)
     return model, basis
+
+
+def tiny_resnet(seed: int = 0):
+    """A CIFAR ResNet-8 (widths 4/8/16, 8 x 8 images) in eval mode, with non-trivial BatchNorm statistics as in a
+    trained network."""
+    from hf_rmtkd import ResNetCifarConfig, ResNetCifarForImageClassification
+
+    torch.manual_seed(seed)
+    model = ResNetCifarForImageClassification(ResNetCifarConfig(depth=8, widths=[4, 8, 16], image_size=8))
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 1.5)
+                module.bias.uniform_(-0.1, 0.3)
+    return model.eval()
+
+
+def random_images(n: int = 16, seed: int = 0, size: int = 8) -> torch.Tensor:
+    """Gaussian images of shape `(n, 3, size, size)`."""
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
