@@ -11,7 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .activation_sums import ActivationStatistics, batch_sums, check_finite_sums, gram  # noqa: F401  (public here too)
-from .layers import LowRankConv2d
+from .sites import CONV_SITE_TYPES
 
 
 # Values a dataset row holds where a batch holds tensors.
@@ -106,7 +106,7 @@ class ActivationCollector:
         outputs = set(output_names or ())
         for name in self._names:
             module = model.get_submodule(name)
-            hook = self._hook(name, isinstance(module, (nn.Conv2d, LowRankConv2d)))
+            hook = self._hook(name, isinstance(module, CONV_SITE_TYPES))
             if name in outputs:
                 self._handles.append(
                     module.register_forward_hook(lambda module, args, output, h=hook: h(module, (output,)))

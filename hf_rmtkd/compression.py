@@ -11,12 +11,11 @@ from transformers import PreTrainedModel
 
 from .analysis import SpectralOptions, SpectralReport
 from .configuration_rmtkd import RMTKDConfig
-from .layers import LowRankConv2d, LowRankEmbedding, LowRankLinear
 from .modeling_rmtkd import RMTKDPreTrainedModel, wrapper_class_for
 from .pipeline import ReductionPlan, reduce_model
 from .processing import find_processing_class
-from .records import ConvRecord, EmbeddingRecord, LinearRecord
 from .sites import linear_shape, select_sites
+from .surgery import FACTORISED_MODULES
 
 
 logger = logging.getLogger(__name__)
@@ -58,10 +57,6 @@ def _mark(model: PreTrainedModel, wrapper: RMTKDPreTrainedModel) -> None:
     model.__dict__[_MARK] = _Wrapped(wrapper, wrapper.config)
 
 
-# The module a factorising record leaves at its path.
-_FACTORISED = {EmbeddingRecord: LowRankEmbedding, LinearRecord: LowRankLinear, ConvRecord: LowRankConv2d}
-
-
 def _records_describe(model: nn.Module, config: RMTKDConfig) -> bool:
     """Whether `model`'s modules have the reduced shapes `config`'s records say (so the records can be continued)."""
     if config.hidden_width is not None and getattr(model.config, "hidden_size", None) != config.hidden_width.rank:
@@ -71,7 +66,7 @@ def _records_describe(model: nn.Module, config: RMTKDConfig) -> bool:
             module = model.get_submodule(path)
         except AttributeError:
             return False
-        factorised = _FACTORISED.get(type(record))
+        factorised = FACTORISED_MODULES.get(record.kind)
         if factorised is not None:
             merged = getattr(record, "merged", False)
             if not merged and (not isinstance(module, factorised) or module.rank != record.rank):

@@ -94,8 +94,8 @@ class LowRankConv2d(nn.Module):
 
     @classmethod
     def like(cls, conv: nn.Module, rank: int, bias: bool) -> LowRankConv2d:
-        """A factorisation of `conv`'s shape (an `nn.Conv2d` or a `LowRankConv2d`) (kernel, stride, padding, dilation), on its device and dtype, values
-        uninitialised."""
+        """An uninitialised factorisation with the channels and geometry (kernel, stride, padding, dilation) of
+        `conv` (an `nn.Conv2d` or a `LowRankConv2d`), on its device and dtype."""
         source = conv.down if isinstance(conv, LowRankConv2d) else conv  # a second factorisation keeps the geometry
         geometry = (source.kernel_size, source.stride, source.padding, source.dilation)
         reference = next(conv.parameters())

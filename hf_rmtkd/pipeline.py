@@ -64,7 +64,7 @@ class ReductionPlan:
         return site_kinds(self.embeddings, self.convolutions)
 
     def __post_init__(self) -> None:
-        self.kinds  # noqa: B018  (validates `convolutions`)
+        site_kinds(self.embeddings, self.convolutions)  # raises `ValueError` for a bad `convolutions`
         if not isinstance(self.hidden_steps_left, int) or self.hidden_steps_left < 0:
             raise ValueError(f"`hidden_steps_left` must be an int >= 0, got {self.hidden_steps_left!r}.")
         if self.ffn_method not in FFN_METHODS:

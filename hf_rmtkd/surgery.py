@@ -412,3 +412,5 @@ _FACTORISATIONS = {
     "embedding": (_reduce_embedding, LowRankEmbedding, EmbeddingRecord),
     "conv": (_reduce_conv, LowRankConv2d, ConvRecord),
 }
+# The module a factorising record leaves at its path (an FFN record leaves narrower dense modules instead).
+FACTORISED_MODULES = {kind: module for kind, (_, module, _) in _FACTORISATIONS.items()}
