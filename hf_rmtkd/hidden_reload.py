@@ -1,6 +1,6 @@
 """What reloading a hidden-width checkpoint needs beyond the config overrides (GPT-2 keeps its attention width).
 
-Imported by `surgery.apply_structure`, so it is copied beside every checkpoint for `trust_remote_code`: it must stay a
+Imported by `structure.apply_structure`, so it is copied beside every checkpoint for `trust_remote_code`: it must stay a
 flat module importing only torch, transformers and the standard library (`transformers` copies `from .x import`
 files of one folder, not packages; the slicing itself lives in [`hf_rmtkd.hidden`]).
 """

@@ -102,18 +102,20 @@ def _form(record) -> str:
     """How the reduced module is stored: sliced dense, factorised, or merged back to dense (with the timings)."""
     if isinstance(record, EmbeddingRecord):
         return "factorised table"
-    if isinstance(record, ConvRecord):
-        return "factorised convolution"
-    if not isinstance(record, LinearRecord):
+    if not isinstance(record, (LinearRecord, ConvRecord)):
         return "dense, narrower"
     timing = record.latency
+    # Timed at `rows` rows (a linear layer without example inputs) or on the input a serving batch gave it.
+    shape = timing.get("rows", timing.get("input_shape", UNKNOWN)) if isinstance(timing, Mapping) else None
+    shape = f"input {tuple(shape)}" if isinstance(shape, list) else f"{shape} rows"
     measured = (
         f" ({_number(timing.get('factorised_ms'))} ms factorised vs {_number(timing.get('dense_ms'))} ms dense at "
-        f"{timing.get('rows', UNKNOWN)} rows, {timing.get('device', UNKNOWN)})"
+        f"{shape}, {timing.get('device', UNKNOWN)})"
         if isinstance(timing, Mapping)
         else ""
     )
-    return ("dense (merged)" if record.merged else "factorised") + measured
+    noun = " convolution" if isinstance(record, ConvRecord) else ""
+    return (f"dense{noun} (merged)" if record.merged else f"factorised{noun}") + measured
 
 
 def _metric_rows(metrics: Mapping | None) -> list[dict[str, str]]:

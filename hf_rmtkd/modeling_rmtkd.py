@@ -1,7 +1,7 @@
 """RMTKD model classes: rebuild the reduced shapes of any supported architecture from `RMTKDConfig` alone.
 
-This file and the ones it imports relatively (configuration_rmtkd, records, integrity, surgery, hidden_reload, layers,
-sites) are copied next to every saved checkpoint, so it also loads with `trust_remote_code=True` where hf_rmtkd is not
+This file and the ones it imports relatively (configuration_rmtkd, records, integrity, structure, surgery, hidden_reload,
+layers, sites) are copied next to every saved checkpoint, so it also loads with `trust_remote_code=True` where hf_rmtkd is not
 installed: keep their imports to torch, transformers, the standard library and each other (flat files, no packages).
 """
 
@@ -28,7 +28,7 @@ from .integrity import raise_on_bad_weights, safetensors_sha256, verify_weights,
 from .layers import LowRankEmbedding
 from .records import FFNRecord
 from .sites import find_embedding_sites
-from .surgery import apply_structure
+from .structure import apply_structure
 
 
 # Written into every saved config: where the classes live in the code files that travel with the checkpoint.

@@ -9,7 +9,7 @@ Five kinds:
 * [`EmbeddingRecord`] (`kind="embedding"`): the input token table factorised as `up(down(ids))` of rank `rank`
   (`in_features` is the vocabulary size, `out_features` the embedding width).
 * [`ConvRecord`] (`kind="conv"`): one convolution factorised as a `k x k` convolution to `rank` channels and a
-  `1 x 1` convolution back (`in_features`/`out_features` are its channels).
+  `1 x 1` convolution back (`in_features`/`out_features` are its channels; `merged` as for a linear layer).
 * [`HiddenRecord`] (`kind="hidden"`): the width of the whole residual stream; it is not a module, so it has its own
   field of the config (`RMTKDConfig.hidden_width`), and it carries the base-config values that rebuild it.
 
@@ -135,13 +135,19 @@ class FFNRecord(ModuleRecord):
 
 
 @dataclass(kw_only=True)
-class LinearRecord(ModuleRecord):
-    """A linear layer factorised as `up(down(x))` of rank `rank`; `merged` once multiplied back into one dense layer
-    (where that measured faster), with the timing that decided it in `latency`."""
+class MergeableRecord(ModuleRecord):
+    """A layer factorised as `up(down(x))` of rank `rank`; `merged` once multiplied back into one dense layer (where
+    that measured faster, `hf_rmtkd.latency`), with the timing that decided it in `latency`."""
 
-    kind: ClassVar[str] = "linear"
     merged: bool = False
     latency: dict | None = None
+
+
+@dataclass(kw_only=True)
+class LinearRecord(MergeableRecord):
+    """A linear layer factorised as `up(down(x))` of rank `rank` (or merged back, see [`MergeableRecord`])."""
+
+    kind: ClassVar[str] = "linear"
 
 
 @dataclass(kw_only=True)
@@ -153,10 +159,10 @@ class EmbeddingRecord(ModuleRecord):
 
 
 @dataclass(kw_only=True)
-class ConvRecord(ModuleRecord):
+class ConvRecord(MergeableRecord):
     """A convolution `(in_features, out_features)` channels factorised as a convolution with its own kernel to `rank`
     channels, then a `1 x 1` convolution back (`bias`: on the second, the mean correction of the dropped
-    directions)."""
+    directions); or merged back into one convolution of the original geometry (see [`MergeableRecord`])."""
 
     kind: ClassVar[str] = "conv"
 

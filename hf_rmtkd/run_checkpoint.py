@@ -8,7 +8,7 @@ from pathlib import Path
 
 from .configuration_rmtkd import RMTKDConfig
 from .kept_basis import load_stream_maps, save_stream_maps
-from .surgery import apply_structure
+from .structure import apply_structure
 
 
 TEACHER_DIR = "rmtkd_teacher"

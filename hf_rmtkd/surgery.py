@@ -1,9 +1,7 @@
 """Apply retained ranks to a model: locate, replace and resize modules. No statistics are gathered here.
 
-Two entry points:
-
-* `reduce_site` computes the reduced weights of one analysed site (the data-driven step).
-* `apply_structure` rebuilds reduced *shapes* from config records alone (the loading step), before weights load.
+The entry point is `reduce_site`, which computes the reduced weights of one analysed site (the data-driven step);
+rebuilding reduced *shapes* from config records alone (the loading step) is [`hf_rmtkd.structure.apply_structure`].
 
 FFN inner width (`kind="ffn"`), `d_ff -> k`, two methods:
 
@@ -49,13 +47,11 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .hidden_reload import widen_attention
 from .layers import LowRankConv2d, LowRankEmbedding, LowRankLinear
 from .records import (
     ConvRecord,
     EmbeddingRecord,
     FFNRecord,
-    HiddenRecord,
     LinearRecord,
     ModuleRecord,
     provenance_of,
@@ -143,54 +139,6 @@ def _inputs_per_rank(module: nn.Module, in_features: int) -> int:
 def saves_parameters(in_features: int, out_features: int, rank: int) -> bool:
     """Whether a rank-`k` factorisation has fewer weights than the dense layer."""
     return rank * (in_features + out_features) < in_features * out_features
-
-
-def apply_structure(model: nn.Module, records: dict[str, ModuleRecord], hidden: HiddenRecord | None = None) -> None:
-    """Replace modules so their shapes match `records` (`RMTKDConfig.reduced_modules`) and the hidden-width record
-    `hidden` (whose config overrides the model was already built with); weights are left unset.
-
-    Raises:
-        `ValueError` naming the module if a record disagrees with the model (missing module or wrong widths).
-    """
-    if hidden is not None and hidden.attention_width:
-        # GPT-2 keeps its attention at the old width (hf_rmtkd.hidden.gpt2).
-        widen_attention(model, hidden.attention_width)
-    for path, record in records.items():
-        try:
-            consumer = model.get_submodule(path)
-        except AttributeError as err:
-            raise ValueError(
-                f"Reduced module {path!r} recorded in the config does not exist in {type(model).__name__}."
-            ) from err
-        in_features, out_features = linear_shape(consumer)
-        if (in_features, out_features) != (record.in_features, record.out_features):
-            raise ValueError(
-                f"Reduced module {path!r}: the config records shape (in={record.in_features}, "
-                f"out={record.out_features}) but the base model has (in={in_features}, out={out_features})."
-            )
-        rank = record.rank
-        # The mean correction can give a bias-free layer a bias: the record says which.
-        bias = record.bias if record.bias is not None else getattr(consumer, "bias", None) is not None
-        if isinstance(record, ConvRecord):
-            _set_module(model, path, LowRankConv2d.like(consumer, rank, bias))
-            continue
-        if isinstance(record, EmbeddingRecord):
-            reference = next(consumer.parameters())
-            table = LowRankEmbedding(in_features, out_features, rank, bias, consumer.padding_idx)
-            _set_module(model, path, table.to(device=reference.device, dtype=reference.dtype))
-            continue
-        if isinstance(record, LinearRecord):
-            factory = {"device": consumer.weight.device, "dtype": consumer.weight.dtype}
-            if record.merged:
-                # Merged back to dense where that measured faster (hf_rmtkd.latency): a plain nn.Linear.
-                _set_module(model, path, nn.Linear(in_features, out_features, bias=bias, **factory))
-            else:
-                _set_module(model, path, LowRankLinear(in_features, out_features, rank, bias).to(**factory))
-            continue
-        for producer_path in record.producers:
-            producer = model.get_submodule(producer_path)
-            _set_module(model, producer_path, _new_linear_like(producer, linear_shape(producer)[0], rank))
-        _set_module(model, path, _new_linear_like(consumer, rank, out_features, bias))
 
 
 def pivoted_cholesky(cov: torch.Tensor, k: int) -> torch.Tensor:

@@ -4,10 +4,11 @@ import pytest
 import torch
 import transformers as tf
 from conftest import tiny_config
+from testing_utils import random_images, tiny_resnet
 from torch import nn
 
-from hf_rmtkd import LowRankLinear, RMTKDTrainingArguments, SpectralOptions, compress
-from hf_rmtkd.latency import merge_low_rank, optimize_for_latency
+from hf_rmtkd import LowRankConv2d, LowRankLinear, RMTKDTrainingArguments, SpectralOptions, compress
+from hf_rmtkd.latency import dense_from_low_rank, merge_low_rank, optimize_for_latency
 
 
 def _compressed(family="bert", **options):
@@ -85,6 +86,90 @@ class TestMerge:
         assert [type(reloaded.model.get_submodule(p)) for p in paths] == [
             type(model.model.get_submodule(p)) for p in paths
         ]
+
+
+def _factorised_resnet():
+    model = tiny_resnet()
+    return compress(model, [random_images(64, seed=2)], convolutions="factorize", progress=False).eval()
+
+
+def _conv_paths(model):
+    return [p for p, m in model.model.named_modules() if isinstance(m, LowRankConv2d)]
+
+
+class TestConvolutionMerge:
+    def test_dense_product_keeps_the_geometry_and_the_output(self):
+        torch.manual_seed(0)
+        conv = nn.Conv2d(6, 10, 3, stride=2, padding=1, dilation=1, bias=False)
+        low = LowRankConv2d.like(conv, rank=3, bias=True)
+        nn.init.normal_(low.up.bias)
+        dense = dense_from_low_rank(low)
+        assert type(dense) is nn.Conv2d and dense.weight.shape == (10, 6, 3, 3)
+        assert (dense.stride, dense.padding, dense.bias is not None) == ((2, 2), (1, 1), True)
+        images = torch.randn(2, 6, 9, 9)
+        torch.testing.assert_close(dense(images), low(images), rtol=0, atol=1e-5)
+        with pytest.raises(TypeError, match="LowRankLinear or LowRankConv2d"):
+            dense_from_low_rank(conv)
+
+    def test_merged_convolutions_are_exact_reload_dense_and_say_so(self, tmp_path):
+        from hf_rmtkd.model_card import reduced_module_rows
+
+        model = _factorised_resnet()
+        paths = _conv_paths(model)
+        assert len(paths) >= 2, "the tiny ResNet should have factorised convolutions"
+        images = random_images(seed=3)
+        with torch.no_grad():
+            before = model(images).logits
+        assert merge_low_rank(model, paths[:1]) == paths[:1]
+        with torch.no_grad():
+            torch.testing.assert_close(model(images).logits, before, rtol=0, atol=1e-5)
+        assert type(model.model.get_submodule(paths[0])) is nn.Conv2d
+        model.save_pretrained(tmp_path)
+        reloaded = tf.AutoModelForImageClassification.from_pretrained(tmp_path).eval()
+        assert type(reloaded.model.get_submodule(paths[0])) is nn.Conv2d
+        assert isinstance(reloaded.model.get_submodule(paths[1]), LowRankConv2d)
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(images).logits, before, rtol=0, atol=1e-5)
+        forms = {row["name"]: row["form"] for row in reduced_module_rows(reloaded.config)}
+        assert forms[paths[0]] == "dense convolution (merged)"
+        assert forms[paths[1]] == "factorised convolution"
+
+    def test_optimize_times_each_convolution_on_the_feature_map_it_sees(self, tmp_path):
+        model = _factorised_resnet()
+        paths = _conv_paths(model)
+        with pytest.raises(ValueError, match="example_inputs"):
+            optimize_for_latency(model, repeats=1)
+        images = random_images(n=1, seed=3)
+        with torch.no_grad():
+            before = model(images).logits
+        decisions = optimize_for_latency(model, repeats=3, example_inputs={"pixel_values": images})
+        assert set(decisions) == set(paths)
+        shapes = {path: decision["input_shape"] for path, decision in decisions.items()}
+        # The tiny ResNet's stages hold 8 x 8, 4 x 4 and 2 x 2 maps of 4, 8 and 16 channels (batch 1); a stage's
+        # first conv1 strides down from the previous stage's map.
+        maps = {1: [4, 8, 8], 2: [8, 4, 4], 3: [16, 2, 2]}
+        for path, shape in shapes.items():
+            stage = int(path[len("layer")])
+            source = stage - 1 if path.endswith("0.conv1") and stage > 1 else stage
+            assert shape == [1, *maps[source]], path
+        for path, decision in decisions.items():
+            assert decision["merged"] == (decision["dense_ms"] <= decision["factorised_ms"])
+            assert "rows" not in decision
+            expected = nn.Conv2d if decision["merged"] else LowRankConv2d
+            assert type(model.model.get_submodule(path)) is expected
+            assert model.config.reduced_modules[path].latency == decision
+        assert model.training is False
+        with torch.no_grad():
+            torch.testing.assert_close(model(images).logits, before, rtol=0, atol=1e-5)
+        model.save_pretrained(tmp_path)
+        reloaded = tf.AutoModelForImageClassification.from_pretrained(tmp_path)
+        assert [type(reloaded.model.get_submodule(p)) for p in paths] == [
+            type(model.model.get_submodule(p)) for p in paths
+        ]
+
+    def test_example_inputs_must_be_keyword_inputs(self):
+        with pytest.raises(ValueError, match="`example_inputs` must be a dict"):
+            optimize_for_latency(_factorised_resnet(), repeats=1, example_inputs=random_images(n=1))
 
 
 class TestRankMultiple:

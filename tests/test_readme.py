@@ -119,6 +119,10 @@ def test_readme_python_blocks_run_as_written(tmp_path, monkeypatch):
     assert trainer.teacher.model.config.hidden_size == 32  # the original teacher
     conv = next(i for i, block in enumerate(blocks) if 'convolutions="factorize"' in block)
     exec(blocks[conv], namespace)  # factorised convolutions on a CIFAR ResNet-20
-    assert isinstance(namespace["compressed"].model.layer3[0].conv1, LowRankConv2d)
+    compressed, decisions = namespace["compressed"], namespace["decisions"]
+    assert set(decisions) == {p for p, r in compressed.config.reduced_modules.items() if r.kind == "conv"}
+    for path, decision in decisions.items():  # each conv kept in the form its timing chose
+        kept = compressed.model.get_submodule(path)
+        assert isinstance(kept, LowRankConv2d) != decision["merged"] and decision["input_shape"][0] == 1
     blocks_run = {budget, hub, int8, sentence, high, conv, 0, 1, 2}
     assert blocks_run == set(range(len(blocks))), "a README block that no test runs"

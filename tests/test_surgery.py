@@ -9,7 +9,8 @@ import hf_rmtkd
 from hf_rmtkd.layers import LowRankLinear
 from hf_rmtkd.records import LinearRecord
 from hf_rmtkd.sites import linear_shape
-from hf_rmtkd.surgery import apply_structure, pivoted_cholesky, reduce_site, saves_parameters
+from hf_rmtkd.structure import apply_structure
+from hf_rmtkd.surgery import pivoted_cholesky, reduce_site, saves_parameters
 
 
 FFN = {
