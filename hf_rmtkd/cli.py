@@ -2,13 +2,16 @@
 
     rmtkd analyze MODEL --data FILE [--plots DIR] [spectral options]
     rmtkd compress MODEL --data FILE --output DIR [--hidden_width] [--embeddings] [--target_modules a b]
-        [--max_output_error 0.05]
+        [--max_output_error 0.05] [--convolutions factorize]
     rmtkd push DIR REPO_ID [--private]
 
 Arguments come from the same dataclasses as the Python API ([`SpectralOptions`] for every spectral option), parsed by
-`transformers.HfArgumentParser`; `rmtkd <command> --help` lists them. Text data: CSV, TSV, JSON lines or plain text
-files, or a `datasets` folder written by `save_to_disk`. MODEL may be a sentence-transformers folder (one with a
-`modules.json`): its transformer is analysed or compressed and `--output` is written with `SentenceTransformer.save`.
+`transformers.HfArgumentParser`; `rmtkd <command> --help` lists them. Data ([`~hf_rmtkd.cli_data`]): CSV, TSV, JSON
+lines, text or parquet files, a `datasets` folder written by `save_to_disk`, or a folder of image files; a model that
+takes `pixel_values` is calibrated on images through its image processor (`--convolutions factorize` factorises a
+CNN's block convolutions), any other on text through its tokenizer. MODEL may be a sentence-transformers folder (one
+with a `modules.json`): its transformer is analysed or compressed and `--output` is written with
+`SentenceTransformer.save`.
 """
 
 from __future__ import annotations
@@ -16,13 +19,13 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import torch
 from transformers import AutoConfig, AutoTokenizer, HfArgumentParser
 
 from .analysis import SpectralOptions, analyze
+from .cli_data import DataArguments, batches, image_batches, image_processor, read_images, read_texts
 from .compression import compress
+from .processing import find_processing_class
 from .sentence_models import compress_sentence_transformer, is_sentence_transformer, transformer_module
 
 
@@ -38,34 +41,17 @@ _TASK_CLASSES = {
 }
 
 
-@dataclass
-class DataArguments:
-    """Where the calibration text comes from and how it is batched."""
-
-    data: str = field(metadata={"help": "CSV, TSV, JSON lines (.jsonl/.json) or text file, or a datasets folder."})
-    text_column: str | None = field(
-        default=None,
-        metadata={"help": "Column holding the text; default 'text', 'sentence', or the first string column."},
-    )
-    samples: int = field(default=512, metadata={"help": "Rows used for calibration (the first ones), >= 1."})
-    max_length: int = field(
-        default=128,
-        metadata={"help": "Tokens per row (longer rows are truncated), >= 2; a SentenceTransformer keeps its own."},
-    )
-    batch_size: int = field(default=16, metadata={"help": "Rows per forward pass, >= 1."})
-
-    def __post_init__(self):
-        for name, low in (("samples", 1), ("max_length", 2), ("batch_size", 1)):
-            if getattr(self, name) < low:
-                raise ValueError(f"`{name}` must be >= {low}, got {getattr(self, name)}.")
-        if not Path(self.data).exists():
-            raise ValueError(f"`data` {self.data!r} does not exist.")
+_CONVOLUTIONS_HELP = (
+    "How a CNN's block convolutions are reduced: 'channels' (each block's inner channels) or 'factorize' (every "
+    "block convolution factorised to its MP rank)."
+)
 
 
 @dataclass
 class AnalyzeArguments:
     plots: str | None = field(default=None, metadata={"help": "Folder for one spectrum PNG per site."})
     target_modules: list[str] | None = field(default=None, metadata={"help": "Site name suffixes; default all."})
+    convolutions: str = field(default="channels", metadata={"help": _CONVOLUTIONS_HELP})
 
 
 @dataclass
@@ -77,51 +63,7 @@ class CompressArguments:
         default=None, metadata={"help": "Site name suffixes; default all; pass 'none' for the hidden width only."}
     )
     ffn_method: str = field(default="select", metadata={"help": "FFN surgery: 'select' or 'project'."})
-
-
-def read_texts(args: DataArguments) -> list[str]:
-    """The first `args.samples` texts of `args.data` (see [`DataArguments`])."""
-    import datasets
-
-    path = Path(args.data)
-    if path.is_dir():
-        dataset = datasets.load_from_disk(str(path))
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[next(iter(dataset))]
-    else:
-        suffix = path.suffix.lower()
-        builder, extra = {
-            ".csv": ("csv", {}),
-            ".tsv": ("csv", {"delimiter": "\t"}),
-            ".jsonl": ("json", {}),
-            ".json": ("json", {}),
-            ".txt": ("text", {}),
-        }.get(suffix, (None, {}))
-        if builder is None:
-            raise ValueError(
-                f"`data` {args.data!r}: unsupported file type {suffix!r}; use .csv, .tsv, .jsonl, .json or .txt."
-            )
-        dataset = datasets.load_dataset(builder, data_files=str(path), split="train", **extra)
-    columns = dataset.column_names
-    column = args.text_column or next(
-        (c for c in ("text", "sentence") if c in columns),
-        next((c for c in columns if dataset.features[c].dtype == "string"), None),
-    )
-    if column not in columns:
-        raise ValueError(f"`text_column` {column!r} is not among the data's columns {columns}.")
-    texts = [t for t in dataset.select(range(min(args.samples, len(dataset))))[column] if t]
-    if not texts:
-        raise ValueError(f"`data` {args.data!r} has no text in column {column!r}.")
-    return texts
-
-
-def batches(tokenizer, texts: list[str], args: DataArguments) -> list[dict[str, torch.Tensor]]:
-    """Tokenized calibration batches (padded per batch, with attention masks so padding is left out)."""
-    return [
-        dict(tokenizer(texts[i : i + args.batch_size], padding=True, truncation=True, max_length=args.max_length,
-                       return_tensors="pt"))
-        for i in range(0, len(texts), args.batch_size)
-    ]  # fmt: skip
+    convolutions: str = field(default="channels", metadata={"help": _CONVOLUTIONS_HELP})
 
 
 def load_model(name_or_path: str):
@@ -134,7 +76,14 @@ def load_model(name_or_path: str):
     return getattr(transformers, auto).from_pretrained(name_or_path).eval()
 
 
-def _calibration(model_path: str, data: DataArguments):
+def _calibration(model_path: str, model, data: DataArguments):
+    """`(processing_class, batches)`: images through the image processor for a model that takes `pixel_values`,
+    else text through the tokenizer."""
+    if model.main_input_name == "pixel_values":
+        # An RMTKD checkpoint (compressed again) keeps the base model's normalisation in its inner model's config.
+        inner = getattr(model, "rmtkd_inner_model", model)
+        process, processor = image_processor(model_path, inner.config)
+        return processor, image_batches(process, read_images(data), data)
     tokenizer = AutoTokenizer.from_pretrained(model_path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -154,8 +103,10 @@ def run_analyze(model_path: str, argv: list[str]) -> None:
         model, calibration = module.model, batches(module.tokenizer, read_texts(data), data)
     else:
         model = load_model(model_path)
-        _, calibration = _calibration(model_path, data)
-    report = analyze(model, calibration, command.target_modules, progress=True, **vars(options))
+        _, calibration = _calibration(model_path, model, data)
+    report = analyze(
+        model, calibration, command.target_modules, convolutions=command.convolutions, progress=True, **vars(options)
+    )
     print(
         report.to_pandas()[["module", "kind", "dim", "rank", "sigma2", "lambda_plus", "retained_variance"]].to_string(
             index=False
@@ -182,7 +133,7 @@ def run_compress(model_path: str, argv: list[str]) -> None:
               f"{before:,} -> {after:,} ({1 - after / before:.1%} fewer); written to {command.output}")  # fmt: skip
         return
     model = load_model(model_path)
-    tokenizer, calibration = _calibration(model_path, data)
+    processing, calibration = _calibration(model_path, model, data)
     before = model.num_parameters()
     compressed = compress(
         model,
@@ -191,7 +142,8 @@ def run_compress(model_path: str, argv: list[str]) -> None:
         ffn_method=command.ffn_method,
         hidden_width=command.hidden_width,
         embeddings=command.embeddings,
-        processing_class=tokenizer,
+        convolutions=command.convolutions,
+        processing_class=processing,
         **vars(options),
     )
     compressed.save_pretrained(command.output)
@@ -205,8 +157,8 @@ def run_push(folder: str, argv: list[str]) -> None:
         raise SystemExit("usage: rmtkd push DIR REPO_ID [--private]")
     repo_id, private = argv[0], "--private" in argv[1:]
     model = load_model(folder)
-    processing = AutoTokenizer.from_pretrained(folder) if (Path(folder) / "tokenizer_config.json").exists() else None
-    model.processing_class = processing
+    # The tokenizer or image processor saved beside the checkpoint goes to the Hub with it.
+    model.processing_class = find_processing_class(model)
     commit = model.push_to_hub(repo_id, private=private or None)
     print(f"pushed {folder} to {repo_id} ({getattr(commit, 'oid', commit)})")
 

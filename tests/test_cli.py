@@ -130,22 +130,26 @@ def test_the_console_script_is_installed():
     assert [e.value for e in entry_points(group="console_scripts") if e.name == "rmtkd"] == ["hf_rmtkd.cli:main"]
 
 
-def test_the_readme_commands_run_as_written(model_dir, tmp_path, monkeypatch, capsys):
+def test_the_readme_commands_run_as_written(model_dir, resnet_dir, tmp_path, monkeypatch, capsys):
     from conftest import REPO_ROOT
 
     readme = (REPO_ROOT / "README.md").read_text()
     block = readme.split("### Command line\n\n```bash\n", 1)[1].split("```", 1)[0]
     lines = [line.split("#")[0].split() for line in block.strip().splitlines()]
-    assert [line[:2] for line in lines] == [["rmtkd", "analyze"], ["rmtkd", "compress"], ["rmtkd", "push"]]
+    assert [line[:2] for line in lines] == [["rmtkd", c] for c in ("analyze", "compress", "compress", "push")]
     monkeypatch.chdir(tmp_path)
     (tmp_path / "path" / "to").mkdir(parents=True)
     (tmp_path / "path" / "to" / "model").symlink_to(model_dir)
     _write(tmp_path, "csv").rename(tmp_path / "sentences.csv")
+    (tmp_path / "path" / "to" / "cnn").symlink_to(resnet_dir)
+    _image_data(tmp_path, "parquet").rename(tmp_path / "images.parquet")
     for line in lines:
         main(line[1:])
     out = capsys.readouterr().out
     assert "sigma2" in out and "fewer" in out and "pushed model-rmtkd to user/model-rmtkd" in out
     assert tf.AutoModelForSequenceClassification.from_pretrained("user/model-rmtkd").config.reduced_modules
+    cnn = tf.AutoModelForImageClassification.from_pretrained(tmp_path / "cnn-rmtkd")
+    assert {record.kind for record in cnn.config.reduced_modules.values()} == {"conv"}
 
 
 def test_compress_and_analyze_take_a_sentence_transformers_folder(tmp_path, capsys):
@@ -169,3 +173,112 @@ def test_compress_and_analyze_take_a_sentence_transformers_folder(tmp_path, caps
     width = reloaded[0].model.config.hidden_width.rank
     assert type(reloaded[0].model).__name__ == "RMTKDModel" and width < 32
     assert reloaded.encode(["good film"]).shape[1] == width
+
+
+def _image_files(folder, n=48, size=8, seed=0):
+    """`n` random RGB images of `size` x `size` as PNG bytes (lossless, so every route decodes the same pixels)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for _ in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+@pytest.fixture(scope="module")
+def resnet_dir(tmp_path_factory):
+    from testing_utils import tiny_resnet
+
+    folder = tmp_path_factory.mktemp("resnet")
+    tiny_resnet().save_pretrained(folder)
+    return folder
+
+
+def _image_data(folder, kind: str, size=8):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    blobs = _image_files(folder, size=size)
+    if kind == "parquet":  # the layout of ../shared/data/cifar10_jpeg: encoded bytes in a `jpeg` column
+        path = folder / f"images{size}.parquet"
+        pq.write_table(pa.table({"jpeg": blobs, "label": [i % 10 for i in range(len(blobs))]}), path)
+    elif kind == "imagefolder":
+        path = folder / f"pictures{size}"
+        for i, blob in enumerate(blobs):
+            (path / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+            (path / f"class{i % 2}" / f"{i}.png").write_bytes(blob)
+    else:  # a datasets folder with an Image feature
+        import datasets
+
+        path = folder / f"image-dataset{size}"
+        features = datasets.Features({"picture": datasets.Image(), "label": datasets.Value("int64")})
+        rows = {"picture": [{"bytes": b, "path": None} for b in blobs], "label": [0] * len(blobs)}
+        datasets.Dataset.from_dict(rows, features=features).save_to_disk(str(path))
+    return path
+
+
+@pytest.mark.parametrize("kind", ["parquet", "imagefolder", "datasets"])
+def test_compress_calibrates_an_image_model_on_images(resnet_dir, tmp_path, kind, capsys):
+    from hf_rmtkd.cli_data import DataArguments, image_processor, read_images
+
+    data = _image_data(tmp_path, kind)
+    output = tmp_path / "resnet-rmtkd"
+    main(["compress", str(resnet_dir), "--data", str(data), "--output", str(output), "--convolutions", "factorize"])
+    assert "% fewer); written to" in capsys.readouterr().out
+    reloaded = tf.AutoModelForImageClassification.from_pretrained(output)
+    records = reloaded.config.reduced_modules
+    assert records and {r.kind for r in records.values()} == {"conv"}
+    # Every route decodes the same pixels, normalised with the config's mean and std.
+    images = read_images(DataArguments(data=str(data), samples=4))
+    assert [image.size for image in images] == [(8, 8)] * 4
+    config = reloaded.rmtkd_inner_model.config
+    process, processor = image_processor(str(resnet_dir), config)
+    pixels = process(images)
+    first = torch.tensor(np.asarray(images[0]), dtype=torch.float32).permute(2, 0, 1) / 255
+    expected = (first - torch.tensor(config.image_mean).view(3, 1, 1)) / torch.tensor(config.image_std).view(3, 1, 1)
+    assert processor is None and pixels.shape == (4, 3, 8, 8)
+    torch.testing.assert_close(pixels[0], expected)
+
+
+def test_analyze_reads_images_and_the_default_reduces_channels(resnet_dir, tmp_path, capsys):
+    data = _image_data(tmp_path, "parquet")
+    main(["analyze", str(resnet_dir), "--data", str(data), "--samples", "32"])
+    out = capsys.readouterr().out
+    assert "sigma2" in out and "layer3.0.conv2" in out and " ffn " in out
+    main(["analyze", str(resnet_dir), "--data", str(data), "--convolutions", "factorize"])
+    assert " conv " in capsys.readouterr().out
+
+
+def test_a_saved_image_processor_is_used_and_travels_with_the_output(resnet_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "resnet-with-processor"
+    shutil.copytree(resnet_dir, folder)
+    tf.ViTImageProcessor(size={"height": 8, "width": 8}, image_mean=[0.5] * 3, image_std=[0.25] * 3).save_pretrained(
+        folder
+    )
+    data = _image_data(tmp_path, "parquet", size=12)  # resized to 8 x 8 by the processor
+    output = tmp_path / "out"
+    main(["compress", str(folder), "--data", str(data), "--output", str(output), "--convolutions", "factorize"])
+    assert (output / "preprocessor_config.json").is_file()
+    assert list(tf.AutoImageProcessor.from_pretrained(output).image_std) == [0.25] * 3
+
+
+@pytest.mark.parametrize(
+    "make,argv,match",
+    [
+        ("parquet12", [], "no image processor to resize it: its config's image_size is 8 x 8"),
+        ("parquet", ["--image_column", "photo"], "`image_column` 'photo' is not among the data's columns"),
+        ("parquet", ["--image_column", "label"], "`image_column` 'label' holds int values, not images"),
+        ("parquet", ["--convolutions", "lowrank"], "`convolutions` must be one of"),
+    ],
+)
+def test_bad_image_input_says_what_is_wrong(resnet_dir, tmp_path, make, argv, match):
+    data = _image_data(tmp_path, "parquet", size=12 if make == "parquet12" else 8)
+    with pytest.raises(ValueError, match=match):
+        main(["analyze", str(resnet_dir), "--data", str(data), *argv])

