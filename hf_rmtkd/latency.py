@@ -20,6 +20,7 @@ from torch import nn
 
 from .layers import LowRankConv2d, LowRankLinear
 from .modeling_rmtkd import RMTKDPreTrainedModel
+from .sites import linear_shape
 from .surgery import _new_linear_like, _set_module, weight_and_bias
 
 
@@ -33,12 +34,11 @@ def dense_from_low_rank(module: LowRankLinear | LowRankConv2d) -> nn.Linear | nn
         raise TypeError(f"Expected a LowRankLinear or LowRankConv2d, got {type(module).__name__}.")
     reference = module.down if isinstance(module, LowRankConv2d) else module.up
     bias = module.up.bias is not None
-    widths = (module.in_channels, module.out_channels) if isinstance(module, LowRankConv2d) else None
-    dense = _new_linear_like(reference, *(widths or (module.in_features, module.out_features)), bias)
+    dense = _new_linear_like(reference, *linear_shape(module), bias)
     # The product in float64 (on the CPU, as surgery computes it), then back to the layer's dtype and device.
     weight, bias_value = weight_and_bias(module)
     with torch.no_grad():
-        dense.weight.copy_(weight.to(dense.weight.dtype).reshape(dense.weight.shape))
+        dense.weight.copy_(weight.to(dense.weight.dtype))
         if bias:
             dense.bias.copy_(bias_value.to(dense.bias.dtype))
     return dense.train(module.training)
