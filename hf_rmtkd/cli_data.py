@@ -147,14 +147,27 @@ def image_processor(model_path: str, config):
         beside a compressed model (`None` for the fallback).
 
     Raises:
-        `ValueError` if neither a processor nor the config's normalisation is there.
+        `ValueError` if neither a processor nor the config's normalisation is there, or if the folder's
+        `preprocessor_config.json` does not load (falling back would calibrate on pixels the model never saw).
     """
     from transformers import AutoImageProcessor
 
-    try:
-        processor = AutoImageProcessor.from_pretrained(model_path)
-    except (OSError, ValueError):
-        processor = None
+    saved = Path(model_path) / "preprocessor_config.json"
+    processor = None
+    if saved.is_file():
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_path)
+        except (OSError, ValueError) as error:
+            first = str(error).split(". ")[0][:300]
+            raise ValueError(
+                f"MODEL {model_path!r} has a preprocessor_config.json that does not load ({first}); fix or remove it."
+            ) from error
+    elif not Path(model_path).is_dir():
+        # A Hub id already in the local cache: its processor is there or not at all (nothing is downloaded).
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_path)
+        except OSError:
+            processor = None
     if processor is not None:
         return (lambda images: processor(images=images, return_tensors="pt")["pixel_values"]), processor
     mean, std, size = (getattr(config, k, None) for k in ("image_mean", "image_std", "image_size"))

@@ -269,6 +269,17 @@ def test_a_saved_image_processor_is_used_and_travels_with_the_output(resnet_dir,
     assert list(tf.AutoImageProcessor.from_pretrained(output).image_std) == [0.25] * 3
 
 
+def test_a_broken_image_processor_file_is_refused_not_replaced(resnet_dir, tmp_path):
+    import shutil
+
+    folder = tmp_path / "resnet-broken-processor"
+    shutil.copytree(resnet_dir, folder)
+    (folder / "preprocessor_config.json").write_text('{"image_processor_type": "NoSuchImageProcessor"}')
+    data = _image_data(tmp_path, "parquet")
+    with pytest.raises(ValueError, match="has a preprocessor_config.json that does not load"):
+        main(["analyze", str(folder), "--data", str(data)])
+
+
 @pytest.mark.parametrize(
     "make,argv,match",
     [
