@@ -1,4 +1,5 @@
-"""The two benchmark tasks of `bench_peers.py`: SST-2 with all-MiniLM-L6-v2, CIFAR-10 (JPEG) with a CIFAR ResNet."""
+"""The two benchmark tasks of `bench_peers.py`: SST-2 with an encoder (default the pip all-MiniLM-L6-v2), CIFAR-10 (JPEG)
+with a CIFAR ResNet."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -97,15 +99,21 @@ def sst2_task(bench, args) -> Task:
 
     def new_teacher():
         torch.manual_seed(args.seed)
-        return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
+        # float32 whatever the checkpoint stores (pack_for_device.py ships float16 weights).
+        return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2, dtype=torch.float32)
 
+    config = AutoConfig.from_pretrained(folder)
+    name = Path(config._name_or_path or folder).name if bench.model_name_or_path else "all-MiniLM-L6-v2"
+    layers = config.num_hidden_layers
     text = (
-        f"SST-2 ({root}): {len(train_rows):,} training sentences (seeded subset of 67,349), the full dev set of "
-        f"{len(dev_rows):,}, {bench.max_length} tokens. Teacher all-MiniLM-L6-v2 ({source}). Latency and FLOPs on "
-        f"dev sentences padded to {bench.max_length} tokens. 'Block params' = the 6 encoder layers."
+        f"SST-2 ({root}): {len(train_rows):,} training sentences (seeded subset of 67,349), "
+        f"{'the full dev set of ' if bench.eval_samples is None else 'dev sentences: '}{len(dev_rows):,}, "
+        f"{bench.max_length} tokens. Teacher {name} ({source}; {config.model_type}, {layers} "
+        f"layers, hidden {config.hidden_size}). Latency and FLOPs on dev sentences padded to {bench.max_length} "
+        f"tokens. 'Block params' = the {layers} encoder layers."
     )
     return Task(
-        "SST-2, all-MiniLM-L6-v2",
+        f"SST-2, {name}",
         encode(train_rows),
         encode(dev_rows),
         DataCollatorWithPadding(tokenizer),
