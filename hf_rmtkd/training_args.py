@@ -309,6 +309,7 @@ def plain_training_args(
     its own epochs and learning rate, in `<output_dir>/teacher`."""
     shared = ("per_device_train_batch_size", "per_device_eval_batch_size", "weight_decay", "lr_scheduler_type")
     shared += ("warmup_steps", "seed", "data_seed", "use_cpu", "bf16", "dataloader_num_workers", "logging_steps")
+    shared += ("disable_tqdm", "tf32")
     values = {name: getattr(args, name) for name in shared}
     values.update(save_strategy="no", report_to=[], **overrides)
     return TrainingArguments(

@@ -43,7 +43,7 @@ def test_staged_shards_reload_in_float32_and_every_call_keeps_to_the_limits(tmp_
     (repo / ".gitignore").write_text("/.gpu/\n")
     monkeypatch.chdir(repo)
 
-    calls = main(PackArguments(model_dir=str(source), sst2_dir=str(sst2), shard_mb=1, call_mb=2))
+    calls = main(PackArguments(model_dir=str(source), folders=str(sst2), shard_mb=1, call_mb=2))
 
     staged = repo / ".gpu" / "tiny-mpnet"
     shards = sorted(staged.glob("model-*.safetensors"))
@@ -87,6 +87,10 @@ def test_plan_refuses_what_no_call_can_carry_and_bad_sizes(tmp_path):
     calls = plan_calls([tmp_path / n for n in sizes], tmp_path, budget=1000)
     assert calls == [["a", "c"], ["b", "d"]]  # largest first, each into the first call it fits
     with pytest.raises(ValueError, match="`shard_mb` must be in"):
-        PackArguments(model_dir=str(tmp_path), sst2_dir=str(tmp_path), shard_mb=60, call_mb=60)
+        PackArguments(folders=str(tmp_path), shard_mb=60, call_mb=60)
     with pytest.raises(ValueError, match="`model_dir` .* has no config.json"):
-        PackArguments(model_dir=str(tmp_path), sst2_dir=str(tmp_path))
+        PackArguments(model_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="`folders` names .*, which are not folders"):
+        PackArguments(folders=str(tmp_path / "a"))
+    with pytest.raises(ValueError, match="Nothing to stage"):
+        PackArguments()
