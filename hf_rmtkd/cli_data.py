@@ -163,7 +163,7 @@ def image_processor(model_path: str, config):
                 f"MODEL {model_path!r} has a preprocessor_config.json that does not load ({first}); fix or remove it."
             ) from error
     elif not Path(model_path).is_dir():
-        # A Hub id already in the local cache: its processor is there or not at all (nothing is downloaded).
+        # A Hub id: the processor is found where the model's weights were; a repository without one has none.
         try:
             processor = AutoImageProcessor.from_pretrained(model_path)
         except OSError:
