@@ -3,6 +3,8 @@ device's per-call limits (at most 8 paths and the byte budget each, every staged
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +96,44 @@ def test_plan_refuses_what_no_call_can_carry_and_bad_sizes(tmp_path):
         PackArguments(folders=str(tmp_path / "a"))
     with pytest.raises(ValueError, match="Nothing to stage"):
         PackArguments()
+
+
+def test_the_mpnet_device_script_runs_a_staged_encoder_end_to_end(tmp_path):
+    # The script a GPU session runs in its last call, here on CPU with a tiny BERT and 48 sentences: the teacher and
+    # the 80% recipe land in the results file and the JSON store under $OUT.
+    config = tiny_config("bert", num_labels=2)
+    folder = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    tf.BertModel(config).save_pretrained(folder)
+    vocab = tmp_path / "vocab.txt"
+    words = ["a", "film", "good", "bad", "dull", "fine", "plot", "very"]
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    tf.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(folder)
+    sst2 = tmp_path / "sst2"
+    sst2.mkdir()
+    generator = torch.Generator().manual_seed(0)
+    rows = [" ".join(words[i] for i in torch.randint(0, 8, (6,), generator=generator)) for _ in range(48)]
+    for split in ("train.tsv", "dev.tsv"):
+        (sst2 / split).write_text("text_a\tlabel\n" + "".join(f"{r}\t{i % 2}\n" for i, r in enumerate(rows)))
+    out, run = tmp_path / "out", tmp_path / "run"
+    env = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        "STAGE": str(tmp_path),
+        "MODEL": str(folder),
+        "OUT": str(out),
+        "RUN": str(run),
+        "OMP_NUM_THREADS": "1",
+    }
+    script = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "device_mpnet_sst2.sh"
+    extra = ["--max_steps", "1", "--calibration_samples", "16", "--latency_repeats", "1", "--tf32", "false"]
+    extra += ["--per_device_train_batch_size", "16", "--max_length", "16"]
+    finished = subprocess.run(
+        ["bash", str(script), *extra], cwd=script.parents[2], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert finished.returncode == 0, finished.stdout[-3000:]
+    stored = json.loads((out / "results.json").read_text())
+    assert {"teacher", "hidden_emb_front_b12@0"} <= set(stored)
+    assert stored["hidden_emb_front_b12@0"]["params"] < stored["teacher"]["params"]
+    report = (out / "recovery_mpnet_sst2_gpu.md").read_text()
+    assert "SST-2, tiny-bert" in report and "output-error budget 0.12" in report
