@@ -17,11 +17,7 @@ STAGE=${STAGE:-.gpu}
 MODEL=${MODEL:-$STAGE/all-mpnet-base-v2}
 RUN=${RUN:-outputs/device-mpnet-run}
 mkdir -p "$OUT"
-if compgen -G "$STAGE/wheels/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$STAGE"/wheels/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 python3 - <<'EOF'
 import torch, transformers, datasets
 print(f"torch {torch.__version__}, transformers {transformers.__version__}, datasets {datasets.__version__}, "

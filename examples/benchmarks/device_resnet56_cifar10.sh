@@ -14,11 +14,7 @@ OUT=${OUT:-outputs/device-resnet56}
 STAGE=${STAGE:-.gpu}
 RUN=${RUN:-outputs/device-resnet56-run}
 mkdir -p "$OUT"
-if compgen -G "$STAGE/wheels/*.whl" > /dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$STAGE"/wheels/*.whl
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+source "$(dirname "$0")/device_env.sh"
 python3 -c "import torch, transformers; print(torch.__version__, transformers.__version__, torch.cuda.is_available() and torch.cuda.get_device_name(0))"
 common=(--task cifar10 --checkpoint "$STAGE/resnet_cifar10/resnet56-4bfd9763.th" --data_dir "$STAGE/cifar10_jpeg"
   --teacher_epochs 10 --teacher_learning_rate 1e-3 --learning_rate 1e-3 --num_train_epochs 8
