@@ -88,6 +88,36 @@ class TestSVD:
         with pytest.raises(ValueError, match="rank 1 everywhere"):
             svd_to_size(teacher, 1000)
 
+    def test_svd_to_size_factorises_a_cnn_s_block_convolutions_and_keeps_the_named_modules_whole(self):
+        from hf_rmtkd import ResNetCifarConfig, ResNetCifarForImageClassification
+
+        torch.manual_seed(0)
+        teacher = ResNetCifarForImageClassification(ResNetCifarConfig(depth=8, widths=[8, 16, 32], image_size=8))
+        teacher.eval()
+        total = teacher.num_parameters()
+        target = int(0.5 * total)
+        model, ranks = svd_to_size(teacher, target, skip=("conv1", "linear"))
+        count = model.num_parameters()
+        # Under the target by less than one rank of the costliest factorised convolution (C_in * 9 + C_out).
+        assert count <= target and target - count < 32 * 9 + 32
+        # Every block convolution, and only those: the stem `conv1` is skipped, `layer1.0.conv1` is not.
+        assert set(ranks) == {f"layer{i}.0.conv{j}" for i in (1, 2, 3) for j in (1, 2)}
+        assert isinstance(model.conv1, nn.Conv2d) and isinstance(model.linear, nn.Linear)
+        # One shared fraction: each rank is that fraction of its weight's parameters, in units of its rank cost.
+        fractions = [
+            ranks[n] * sum(s) / (s[0] * s[1])
+            for n, s in (
+                (n, (m.weight.shape[0], m.weight[0].numel())) for n, m in teacher.named_modules() if n in ranks
+            )
+        ]
+        assert max(fractions) - min(fractions) < 0.25
+        # The factorised convolution is the truncated SVD of the kernel: same output shape, stride kept.
+        x = torch.randn(2, 3, 8, 8)
+        with torch.no_grad():
+            assert model(pixel_values=x).logits.shape == teacher(pixel_values=x).logits.shape == (2, 10)
+        factor = model.get_submodule("layer2.0.conv1")
+        assert factor[0].stride == teacher.get_submodule("layer2.0.conv1").stride and factor[1].kernel_size == (1, 1)
+
 
 class TestEnergyAndLayers:
     def test_energy_rank(self):

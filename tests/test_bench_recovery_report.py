@@ -3,6 +3,8 @@
 import sys
 from pathlib import Path
 
+import pytest
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
 import bench_recovery  # noqa: E402
@@ -82,3 +84,13 @@ def test_baselines_matched_to_different_rows_are_kept_apart():
     text = "\n".join(bench_recovery.report(rows))
     assert f"| {label} (matched to `b30@0`) | 2 | 86.00 ± 1.41 |" in text
     assert f"| {label} (matched to `s23@0`) | 1 | 89.00 |" in text
+
+
+def test_a_parameter_count_stands_in_for_a_row_of_another_store_only_where_a_count_is_all_a_baseline_needs():
+    rows = {"teacher": _row(0.90, 1000)}
+    # `svd` reads the matched row's checkpoint, so a bare count cannot stand in for it; the check comes before any
+    # model is touched (teacher, task and args are never used).
+    with pytest.raises(ValueError, match="--match_params"):
+        bench_recovery.run_baseline("svd", 0, None, None, None, rows, "rmtkd_conv@0", match_params=400)
+    with pytest.raises(ValueError, match="not in the store yet"):
+        bench_recovery.run_baseline("svd_size", 0, None, None, None, rows, "rmtkd_conv@0")

@@ -1,5 +1,7 @@
-"""Accuracy at the cut, before any training: RMT-KD's channel selection against truncated SVD at the same per-block
-parameters, on a CIFAR ResNet. Separates what each structure loses when cut from what it learns back in recovery.
+"""Accuracy at the cut, before any training: RMT-KD's channel selection (or factorised convolutions) against truncated
+SVD at the same per-block parameters and against truncated SVD at one shared fraction of every block convolution
+(its own rank allocation) at the same whole-model parameters, on a CIFAR ResNet. Separates what each structure loses
+when cut from what it learns back in recovery.
 
     python examples/benchmarks/bench_cut_accuracy.py --teacher outputs/recovery-cifar10-cpu/teacher \\
         --data_dir ../shared/data/cifar10_jpeg --target_modules '.*layer[23]\\.\\d+\\.conv1' \\
@@ -14,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from peers import svd_like
+from peers import svd_like, svd_to_size
 from transformers import AutoModelForImageClassification, HfArgumentParser, default_data_collator
 
 import hf_rmtkd
@@ -72,6 +74,8 @@ def main(args: CutArguments) -> None:
         convolutions=args.convolutions,
     )
     svd, _ = svd_like(teacher, ours.config.reduced_modules, ours.model)
+    # The stem and the head stay whole, as in RMT-KD's sites: only the blocks' convolutions are cut.
+    uniform, _ = svd_to_size(teacher, sum(p.numel() for p in ours.parameters()), skip=("conv1", "linear"))
     lines = [
         "# Accuracy at the cut, before any training",
         "",
@@ -89,6 +93,7 @@ def main(args: CutArguments) -> None:
         ("teacher", teacher),
         (f"RMT-KD, MP ranks ({STRUCTURES[args.convolutions]})", ours),
         ("truncated SVD, same per-block parameters", svd),
+        ("truncated SVD, one shared fraction of every block convolution, same whole-model parameters", uniform),
     ):
         params = sum(p.numel() for p in model.parameters())
         lines.append(

@@ -33,9 +33,10 @@ Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except t
   with the `--match` recipe's losses and budget (no spectral reductions);
 * `svd`: truncated SVD of the teacher's weights at the `--match` row's per-module ranks (a row without the hidden width:
   SVD cannot narrow the embeddings), then distilled the same way;
-* `svd_size`: every linear layer and the token table truncated by SVD to one shared fraction of its parameters, the
-  one that lands on the `--match` row's whole-model count (any row, hidden width and token table included), then
-  distilled the same way;
+* `svd_size`: every linear layer and the token table (a CNN: every convolution but the stem) truncated by SVD to one
+  shared fraction of its parameters, the one that lands on the `--match` row's whole-model count (any row, hidden
+  width and token table included; `--match_params` gives that count for a row of another store), then distilled the
+  same way: SVD with its own rank allocation, where `svd` borrows RMT-KD's;
 * `layer_drop`: evenly spaced layers of the teacher kept, as many as fit the `--match` row's parameter count, then
   distilled the same way. (Activation PCA at matched per-site ranks is RMT-KD's own projection without the MP rule,
   so it has no row of its own.)
@@ -106,6 +107,13 @@ class RecoveryArguments:
         default="", metadata={"help": f"Comma-separated, of {tuple(RECIPES) + tuple(BASELINES)}; empty: teacher only."}
     )
     match: str = field(default="hidden_both@0", metadata={"help": "The row a baseline matches in parameters."})
+    match_params: int | None = field(
+        default=None,
+        metadata={
+            "help": "The `--match` row's whole-model parameter count, for a row of another store (same teacher): "
+            "`svd_size` and `layer_drop` then need only this number and that recipe's losses."
+        },
+    )
     seeds: str = field(default="0", metadata={"help": "Comma-separated seeds; one row per recipe and seed."})
     latency_repeats: int = field(default=20)
     results_file: str | None = field(default=None, metadata={"help": "Markdown results file."})
@@ -207,11 +215,17 @@ def grouped(rows: dict) -> list[tuple[str, list[dict]]]:
     ]
 
 
-def run_baseline(name: str, seed: int, teacher, task, args, rows: dict, match: str) -> tuple[torch.nn.Module, dict]:
-    """A baseline at the parameter count of the `match` row, distilled with that recipe's losses and budget."""
-    if match not in rows:
-        raise ValueError(f"`--match` row {match!r} is not in the store yet: run that recipe first.")
-    target = rows[match]
+def run_baseline(
+    name: str, seed: int, teacher, task, args, rows: dict, match: str, match_params: int | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """A baseline at the parameter count of the `match` row (`match_params` when given: a row of another store),
+    distilled with that recipe's losses and budget."""
+    if match not in rows and not (match_params and name in ("svd_size", "layer_drop")):
+        raise ValueError(
+            f"`--match` row {match!r} is not in the store yet: run that recipe first (or, for svd_size and "
+            "layer_drop, give its parameter count as `--match_params`)."
+        )
+    target = {"params": match_params} if match_params else rows[match]
     overrides = RECIPES[match.split("@")[0]][1]
     # The loss terms only: a baseline always distils from the fine-tuned teacher (given as the external one).
     losses = {k: v for k, v in overrides.items() if k.startswith("distillation_") and k != "distillation_teacher"}
@@ -231,7 +245,7 @@ def run_baseline(name: str, seed: int, teacher, task, args, rows: dict, match: s
         model, ranks = svd_like(teacher, reference.config.reduced_modules, reference.model)
         detail = {"ranks": ranks}
     elif name == "svd_size":
-        model, ranks = svd_to_size(teacher, target["params"])
+        model, ranks = svd_to_size(teacher, target["params"], skip=task.dense_modules)
         detail = {"ranks": ranks}
     else:
         model, kept = drop_layers(teacher, target["params"])
@@ -304,7 +318,7 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
             if is_stored(rows, name, seed, bench.match):
                 continue
             if name in BASELINES:
-                model, detail = run_baseline(name, seed, teacher, task, args, rows, bench.match)
+                model, detail = run_baseline(name, seed, teacher, task, args, rows, bench.match, bench.match_params)
             else:
                 model, detail = run_recipe(name, seed, teacher, task, args)
             row = {**measure(model, task, args, bench.latency_repeats), **detail}

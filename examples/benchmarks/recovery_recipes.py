@@ -118,8 +118,8 @@ TARGETS = {"sst2": (0.8, 1.0), "cifar10": (0.5, 0.5)}
 BASELINES = {
     "dense_student": "dense student (same depth and width, uniform FFN), same losses",
     "svd": "truncated SVD at the matched row's per-module ranks, same losses",
-    "svd_size": "truncated SVD of every linear layer and the token table, one shared fraction, at the matched row's "
-    "parameters, same losses",
+    "svd_size": "truncated SVD of every linear layer (a CNN: every block convolution) and the token table, one shared "
+    "fraction, at the matched row's parameters, same losses",
     "layer_drop": "layer dropping (evenly spaced layers kept) at the matched row's parameters, same losses",
 }
 # Logits-only rows switch the representation terms off explicitly, so the ablation does not follow the defaults.

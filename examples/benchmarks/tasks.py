@@ -35,6 +35,8 @@ class Task:
     auto_class: type
     describe_text: str
     accuracy: Callable = accuracy
+    # Modules a uniform-SVD baseline keeps whole (`peers.svd_to_size`'s `skip`): the task head, a CNN's stem.
+    dense_modules: tuple[str, ...] = ("classifier",)
 
     def load_teacher(self, folder):
         return self.auto_class.from_pretrained(folder)
@@ -155,6 +157,7 @@ def cifar10_task(bench, args) -> Task:
         lambda: load_original_checkpoint(bench.checkpoint),
         AutoModelForImageClassification,
         text,
+        dense_modules=("conv1", "linear"),
     )
 
 
