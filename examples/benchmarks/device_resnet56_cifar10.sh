@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # ResNet-56 on CIFAR-10 (JPEG) at the GPU budget, on a borrowed GPU machine: a 10-epoch teacher, then 8 epochs
-# a row for RMT-KD with factorised convolutions and, at its parameters, truncated SVD and layer dropping.
+# a row for RMT-KD with factorised convolutions and, at its parameters, truncated SVD (at its ranks, then at one shared
+# fraction of every block convolution) and layer dropping.
 #
 # Run in the repository root after pack_for_device.py staged `.gpu/cifar10_jpeg`, `.gpu/resnet_cifar10` and the wheels
 # (one call carries them). The results (markdown, the JSON store, the log) go to $OUT (default outputs/device-resnet56);
@@ -22,7 +23,7 @@ common=(--task cifar10 --checkpoint "$STAGE/resnet_cifar10/resnet56-4bfd9763.th"
   --dataloader_num_workers 8 --logging_steps 100 --disable_tqdm true --save_strategy no
   --output_dir "$RUN" --results_file "$OUT/recovery_resnet56_cifar10_gpu.md")
 python3 examples/benchmarks/bench_recovery.py "${common[@]}" --recipes rmtkd_conv --seeds 0 "$@" 2>&1 | tee -a "$OUT/log.txt"
-for baseline in svd layer_drop; do
+for baseline in svd layer_drop svd_size; do
   python3 examples/benchmarks/bench_recovery.py "${common[@]}" --recipes $baseline --match rmtkd_conv@0 --seeds 0 "$@" \
     2>&1 | tee -a "$OUT/log.txt"
 done
