@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from peers import svd_like, svd_to_size
+from tasks import RESNET_DENSE_MODULES
 from transformers import AutoModelForImageClassification, HfArgumentParser, default_data_collator
 
 import hf_rmtkd
@@ -74,8 +75,7 @@ def main(args: CutArguments) -> None:
         convolutions=args.convolutions,
     )
     svd, _ = svd_like(teacher, ours.config.reduced_modules, ours.model)
-    # The stem and the head stay whole, as in RMT-KD's sites: only the blocks' convolutions are cut.
-    uniform, _ = svd_to_size(teacher, sum(p.numel() for p in ours.parameters()), skip=("conv1", "linear"))
+    uniform, _ = svd_to_size(teacher, sum(p.numel() for p in ours.parameters()), skip=RESNET_DENSE_MODULES)
     lines = [
         "# Accuracy at the cut, before any training",
         "",

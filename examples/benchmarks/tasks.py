@@ -22,6 +22,10 @@ from transformers import (
 from hf_rmtkd.reporting import accuracy
 
 
+# A CIFAR ResNet's stem and head: what SVD baselines keep whole, as RMT-KD's sites do (the blocks only).
+RESNET_DENSE_MODULES = ("conv1", "linear")
+
+
 @dataclass
 class Task:
     """Data, collator, model loading and benchmark inputs of one task."""
@@ -157,7 +161,7 @@ def cifar10_task(bench, args) -> Task:
         lambda: load_original_checkpoint(bench.checkpoint),
         AutoModelForImageClassification,
         text,
-        dense_modules=("conv1", "linear"),
+        dense_modules=RESNET_DENSE_MODULES,
     )
 
 
