@@ -112,7 +112,7 @@ class TestSVD:
             )
         ]
         assert max(fractions) - min(fractions) < 0.25
-        # The factorised convolution is the truncated SVD of the kernel: same output shape, stride kept.
+        # The factorised model runs on images; a strided block convolution keeps its stride in the k x k factor.
         x = torch.randn(2, 3, 8, 8)
         with torch.no_grad():
             assert model(pixel_values=x).logits.shape == teacher(pixel_values=x).logits.shape == (2, 10)

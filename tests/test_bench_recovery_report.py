@@ -94,3 +94,11 @@ def test_a_parameter_count_stands_in_for_a_row_of_another_store_only_where_a_cou
         bench_recovery.run_baseline("svd", 0, None, None, None, rows, "rmtkd_conv@0", match_params=400)
     with pytest.raises(ValueError, match="not in the store yet"):
         bench_recovery.run_baseline("svd_size", 0, None, None, None, rows, "rmtkd_conv@0")
+    # Where a count is all it needs, the count stands in; a stored row wins, and a count that contradicts it is refused.
+    for name in ("svd_size", "layer_drop"):
+        assert bench_recovery.baseline_target(name, rows, "rmtkd_conv@0", 405642) == {"params": 405642}
+    rows["rmtkd_conv@0"] = _row(0.89, 400)
+    assert bench_recovery.baseline_target("svd", rows, "rmtkd_conv@0") is rows["rmtkd_conv@0"]
+    assert bench_recovery.baseline_target("svd_size", rows, "rmtkd_conv@0", 400) is rows["rmtkd_conv@0"]
+    with pytest.raises(ValueError, match="contradicts"):
+        bench_recovery.baseline_target("svd_size", rows, "rmtkd_conv@0", 405642)

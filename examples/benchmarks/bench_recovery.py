@@ -215,17 +215,29 @@ def grouped(rows: dict) -> list[tuple[str, list[dict]]]:
     ]
 
 
+def baseline_target(name: str, rows: dict, match: str, match_params: int | None = None) -> dict:
+    """The row a baseline matches: `rows[match]`, or `{"params": match_params}` for a row of another store, which
+    only the baselines that need nothing but a parameter count (`svd_size`, `layer_drop`) accept."""
+    if match in rows:
+        if match_params is not None and match_params != rows[match]["params"]:
+            raise ValueError(
+                f"`--match_params` {match_params:,} contradicts the stored `{match}` row's {rows[match]['params']:,}."
+            )
+        return rows[match]
+    if match_params is None or name not in ("svd_size", "layer_drop"):
+        raise ValueError(
+            f"`--match` row {match!r} is not in the store yet: run that recipe first (or, for svd_size and "
+            "layer_drop, give its parameter count as `--match_params`)."
+        )
+    return {"params": match_params}
+
+
 def run_baseline(
     name: str, seed: int, teacher, task, args, rows: dict, match: str, match_params: int | None = None
 ) -> tuple[torch.nn.Module, dict]:
     """A baseline at the parameter count of the `match` row (`match_params` when given: a row of another store),
     distilled with that recipe's losses and budget."""
-    if match not in rows and not (match_params and name in ("svd_size", "layer_drop")):
-        raise ValueError(
-            f"`--match` row {match!r} is not in the store yet: run that recipe first (or, for svd_size and "
-            "layer_drop, give its parameter count as `--match_params`)."
-        )
-    target = {"params": match_params} if match_params else rows[match]
+    target = baseline_target(name, rows, match, match_params)
     overrides = RECIPES[match.split("@")[0]][1]
     # The loss terms only: a baseline always distils from the fine-tuned teacher (given as the external one).
     losses = {k: v for k, v in overrides.items() if k.startswith("distillation_") and k != "distillation_teacher"}
