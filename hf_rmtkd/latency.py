@@ -77,23 +77,50 @@ def _replace_with_dense(model: RMTKDPreTrainedModel, path: str, dense: nn.Module
     model.config.reduced_modules[path].merged = True
 
 
-@torch.inference_mode()
 def time_forward_ms(module: nn.Module, inputs: torch.Tensor | dict, repeats: int = 50, warmup: int = 5) -> float:
     """Median wall time of one forward, `module(inputs)` or `module(**inputs)`, in milliseconds (CUDA synchronised)."""
+    return time_round_robin_ms({"module": module}, inputs, repeats, warmup)["module"]
+
+
+@torch.inference_mode()
+def time_round_robin_ms(
+    modules: dict[str, nn.Module], inputs: torch.Tensor | dict, repeats: int = 50, warmup: int = 5
+) -> dict[str, float]:
+    """Median wall time of one forward of each module on the same `inputs`, in milliseconds, timed in turn.
+
+    Each round runs every module once, in the order given, so a change in the machine's speed while timing (another
+    process, clock scaling, a warm cache) falls on all of them alike and their ratios stay comparable. Timing one
+    module's repeats and then the other's puts any such drift into the ratio.
+
+    Args:
+        modules: `{name: module}`; each is called as `module(inputs)`, or `module(**inputs)` for a dict.
+        inputs: one batch, a tensor or the modules' keyword inputs; on the modules' device.
+        repeats: timed rounds (the median over them is kept); `warmup` untimed rounds come first.
+
+    Returns:
+        `{name: median milliseconds}`, CUDA synchronised around each forward when the inputs are on a GPU.
+
+    Raises:
+        `ValueError` if `modules` is empty or `repeats < 1`.
+    """
+    if not modules:
+        raise ValueError("`modules` must name at least one module to time.")
+    if repeats < 1:
+        raise ValueError(f"`repeats` must be >= 1, got {repeats}.")
     tensors = inputs.values() if isinstance(inputs, dict) else [inputs]
     cuda = any(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
-    call = (lambda: module(**inputs)) if isinstance(inputs, dict) else (lambda: module(inputs))
-    times = []
+    times = {name: [] for name in modules}
     for i in range(warmup + repeats):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        call()
-        if cuda:
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for name, module in modules.items():
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            module(**inputs) if isinstance(inputs, dict) else module(inputs)
+            if cuda:
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def optimize_for_latency(
@@ -110,7 +137,8 @@ def optimize_for_latency(
         rows (`int`, *optional*, defaults to 128): rows of a linear layer's input at serving time, i.e. batch size
             times sequence length (128 = one 128-token sequence; 32 x 128 = 4096 for batch 32). Not used when
             `example_inputs` is given.
-        repeats (`int`, *optional*, defaults to 50): timed forwards per form (the median is kept).
+        repeats (`int`, *optional*, defaults to 50): timed forwards per form, the two forms
+            in turn so that drift in the machine's speed falls on both (the median is kept).
         names (`list[str]`, *optional*): only these module paths.
         example_inputs (`dict`, *optional*): one serving batch, the model's keyword inputs (e.g.
             `{"pixel_values": (1, 3, 32, 32) tensor}`). The model runs once on it and every factorised layer is timed
@@ -140,8 +168,8 @@ def optimize_for_latency(
             weight = module.up.weight
             inputs = torch.randn(rows, module.in_features, device=weight.device, dtype=weight.dtype)
         dense = dense_from_low_rank(module).eval()
-        factorised_ms = time_forward_ms(module, inputs, repeats)
-        dense_ms = time_forward_ms(dense, inputs, repeats)
+        timed = time_round_robin_ms({"factorised": module, "dense": dense}, inputs, repeats)
+        factorised_ms, dense_ms = timed["factorised"], timed["dense"]
         merge = dense_ms <= factorised_ms
         decisions[path] = {
             "factorised_ms": factorised_ms,

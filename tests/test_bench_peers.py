@@ -173,3 +173,53 @@ def test_report_keeps_one_row_per_epochs_factor_and_judges_each():
     assert ["NOT met" not in v for v in verdicts] == [False, True, False]
     del rows["rmtkd"]  # targets are still judged without the plain RMT-KD row
     assert len([line for line in bench_peers.report(rows) if "whole-model parameters" in line]) == 3
+
+
+class TestMeasure:
+    def _task(self):
+        from tasks import Task, accuracy
+        from testing_utils import random_images
+        from transformers import AutoModelForImageClassification, default_data_collator
+
+        images = random_images(12, seed=3)
+        examples = [{"pixel_values": x, "labels": i % 10} for i, x in enumerate(images)]
+
+        def inputs(batch, device):
+            return {"pixel_values": random_images(batch, seed=4).to(device)}
+
+        return Task("tiny", examples, examples, default_data_collator, inputs, None, AutoModelForImageClassification,
+                    "tiny", accuracy)  # fmt: skip
+
+    def test_a_row_is_timed_beside_its_reference_and_compared_with_it(self, tmp_path):
+        import bench_peers
+        from testing_utils import tiny_resnet
+
+        from hf_rmtkd import RMTKDTrainingArguments
+
+        args = RMTKDTrainingArguments(
+            output_dir=str(tmp_path), use_cpu=True, per_device_eval_batch_size=4, report_to=[]
+        )
+        teacher, student = tiny_resnet(0), tiny_resnet(1)
+        task = self._task()
+        teacher_row = bench_peers.measure(teacher, task, args, repeats=2)
+        row = bench_peers.measure(student, task, args, repeats=2, reference=teacher)
+        assert "reference_ms" not in teacher_row
+        assert set(row["reference_ms"]) == {"cpu_b1_ms", "cpu_b32_ms"}
+        assert all(row[k] > 0 and row["reference_ms"][k] > 0 for k in ("cpu_b1_ms", "cpu_b32_ms"))
+        paired = dict(row["reference_ms"])
+        ref = bench_peers.teacher_ref(row, teacher_row)
+        # Accuracy from the invocation's teacher; latency from the timing beside the row, which leaves the row.
+        assert ref == {"accuracy": teacher_row["accuracy"], **paired}
+        assert "reference_ms" not in row
+
+    def test_without_a_paired_timing_the_teacher_row_s_own_latency_is_the_reference(self):
+        import bench_peers
+
+        teacher = {"accuracy": 0.9, "params": 10, "cpu_b1_ms": 2.0, "cpu_b32_ms": 20.0}
+        assert bench_peers.teacher_ref({"accuracy": 0.8}, teacher) == {
+            "accuracy": 0.9,
+            "cpu_b1_ms": 2.0,
+            "cpu_b32_ms": 20.0,
+        }
+        paired = {"accuracy": 0.8, "reference_ms": {"cpu_b1_ms": 3.0, "cpu_b32_ms": 30.0}}
+        assert bench_peers.teacher_ref(paired, teacher) == {"accuracy": 0.9, "cpu_b1_ms": 3.0, "cpu_b32_ms": 30.0}

@@ -1,5 +1,8 @@
 """Latency that follows parameters: dense merge where it is faster, GPU-friendly ranks, torch.compile and ONNX export."""
 
+import copy
+import time
+
 import pytest
 import torch
 import transformers as tf
@@ -8,7 +11,7 @@ from testing_utils import random_images, tiny_resnet
 from torch import nn
 
 from hf_rmtkd import LowRankConv2d, LowRankLinear, RMTKDTrainingArguments, SpectralOptions, compress
-from hf_rmtkd.latency import dense_from_low_rank, merge_low_rank, optimize_for_latency
+from hf_rmtkd.latency import dense_from_low_rank, merge_low_rank, optimize_for_latency, time_round_robin_ms
 
 
 def _compressed(family="bert", **options):
@@ -86,6 +89,47 @@ class TestMerge:
         assert [type(reloaded.model.get_submodule(p)) for p in paths] == [
             type(model.model.get_submodule(p)) for p in paths
         ]
+
+
+class _Sleeps(nn.Module):
+    """Sleeps `seconds` per forward and logs its name, so the order and the ratio of the timings are known."""
+
+    def __init__(self, name, seconds, log):
+        super().__init__()
+        self.name, self.seconds, self.log = name, seconds, log
+
+    def forward(self, x):
+        self.log.append(self.name)
+        time.sleep(self.seconds)
+        return x
+
+
+class TestRoundRobin:
+    def test_modules_are_timed_in_turn_and_the_slower_one_measures_slower(self):
+        log = []
+        modules = {"fast": _Sleeps("fast", 0.001, log), "slow": _Sleeps("slow", 0.02, log)}
+        ms = time_round_robin_ms(modules, torch.zeros(1), repeats=4, warmup=1)
+        # Five rounds, each running both modules in the order given: drift falls on both alike.
+        assert log == ["fast", "slow"] * 5
+        assert set(ms) == {"fast", "slow"}
+        assert ms["fast"] >= 1.0 and ms["slow"] >= 20.0 and ms["slow"] > 3 * ms["fast"]
+
+    def test_keyword_inputs_reach_every_module(self):
+        model = _compressed().eval()
+        ms = time_round_robin_ms({"a": model, "b": dense_model(model)}, _batch(), repeats=2, warmup=0)
+        assert all(v > 0 for v in ms.values())
+
+    @pytest.mark.parametrize("modules,repeats,match", [({}, 3, "at least one"), ({"a": nn.Identity()}, 0, "repeats")])
+    def test_bad_arguments_are_refused(self, modules, repeats, match):
+        with pytest.raises(ValueError, match=match):
+            time_round_robin_ms(modules, torch.zeros(1), repeats=repeats)
+
+
+def dense_model(model):
+    """A copy of `model` with every factorised layer merged back to dense."""
+    merged = copy.deepcopy(model)
+    merge_low_rank(merged)
+    return merged
 
 
 def _factorised_resnet():

@@ -18,9 +18,7 @@ and its factorised convolutions are merged where dense is faster on the feature 
 from __future__ import annotations
 
 import copy
-import statistics
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,7 +33,7 @@ from transformers import (
 )
 
 import hf_rmtkd  # noqa: F401  (registers the RMTKD classes)
-from hf_rmtkd.latency import optimize_for_latency
+from hf_rmtkd.latency import optimize_for_latency, time_round_robin_ms
 from hf_rmtkd.reporting import machine_line, write_results
 
 
@@ -105,18 +103,8 @@ def main(args: Arguments) -> None:
     }
     for batch in (1, 32):
         # Round-robin over the models, so drift in the machine's speed hits every model alike.
-        times = {name: [] for name in models}
-        example = inputs(batch)
-        with torch.inference_mode():
-            for name, model in models.items():
-                model(**example)  # warm-up
-            for _ in range(args.repeats):
-                for name, model in models.items():
-                    start = time.perf_counter()
-                    model(**example)
-                    times[name].append((time.perf_counter() - start) * 1000)
-        for name in models:
-            rows[name][batch] = statistics.median(times[name])
+        for name, ms in time_round_robin_ms(models, inputs(batch), args.repeats, warmup=1).items():
+            rows[name][batch] = ms
     base = rows["teacher"]
     lines = [
         "# Latency-aware merge of factorised layers (`hf_rmtkd.optimize_for_latency`)",

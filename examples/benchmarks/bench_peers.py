@@ -15,7 +15,8 @@ Methods (`--methods`, comma-separated; default all):
 
 Every baseline is distilled from the fine-tuned teacher with RMT-KD's loss, alpha, epochs and learning rate
 (`RMTKDTrainer`, `reduction_schedule="none"`). Reported against the teacher: accuracy, parameters (whole model and
-inside the repeated blocks), size in MB, FLOPs and latency at batch 1 and 32 (median; CPU always, GPU when present).
+inside the repeated blocks), size in MB, FLOPs and latency at batch 1 and 32 (median, each row timed in turn with the teacher;
+CPU always, GPU when present).
 Rows accumulate in `<output_dir>/results.json`, so methods can run in separate invocations (`--teacher_dir` reuses a
 teacher, `svd` and `layer_drop` read RMT-KD's result from `<output_dir>/rmtkd`).
 
@@ -49,7 +50,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.calibration_data import calibration_subset
-from hf_rmtkd.latency import time_forward_ms
+from hf_rmtkd.latency import time_round_robin_ms
 from hf_rmtkd.model_card import model_size_mb
 from hf_rmtkd.reporting import machine_line, open_store, publish
 
@@ -109,8 +110,12 @@ class BenchArguments:
             raise ValueError(f"`long_epochs_factor` must be > 1, got {self.long_epochs_factor}.")
 
 
-def measure(model, task, args, repeats: int) -> dict:
-    """Accuracy on the evaluation set, parameters, size, FLOPs at batch 1, and latencies."""
+def measure(model, task, args, repeats: int, reference=None) -> dict:
+    """Accuracy on the evaluation set, parameters, size, FLOPs at batch 1, and latencies.
+
+    With a `reference` model (the teacher), each latency is timed round-robin with the reference's on the same batch,
+    so that both see the same machine state, and the reference's milliseconds come back under `"reference_ms"`
+    (`{"cpu_b1_ms": ..., ...}`): a ratio of the two does not carry the machine's drift between invocations."""
     evaluator = Trainer(
         model=model,
         args=TrainingArguments(
@@ -128,12 +133,25 @@ def measure(model, task, args, repeats: int) -> dict:
     row["mb"] = model_size_mb(model)
     model.to("cpu").eval()
     row["flops"] = flops(model, task.inputs(1, "cpu"))
+    timed = {"model": model} if reference is None else {"model": model, "reference": reference}
     for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() and not args.use_cpu else []):
-        model.to(device)
+        for module in timed.values():
+            module.to(device).eval()
         for batch in (1, 32):
-            row[f"{device}_b{batch}_ms"] = time_forward_ms(model, task.inputs(batch, device), repeats)
-    model.to(args.device)
+            ms = time_round_robin_ms(timed, task.inputs(batch, device), repeats)
+            row[f"{device}_b{batch}_ms"] = ms["model"]
+            if reference is not None:
+                row.setdefault("reference_ms", {})[f"{device}_b{batch}_ms"] = ms["reference"]
+    for module in timed.values():
+        module.to(args.device)
     return row
+
+
+def teacher_ref(row: dict, teacher: dict) -> dict:
+    """The teacher figures a row is compared against: the accuracy of `teacher` (this invocation's teacher row) and
+    the latencies timed beside the row (`row["reference_ms"]`, moved out of the row), else `teacher`'s own."""
+    paired = row.pop("reference_ms", {})
+    return {k: v for k, v in teacher.items() if k == "accuracy" or k.endswith("_ms")} | paired
 
 
 def trainable(student):
@@ -221,7 +239,8 @@ def main(bench: BenchArguments, args: RMTKDTrainingArguments) -> None:
     else:
         teacher = task.fine_tune_teacher(bench, args)
         teacher.save_pretrained(out / "teacher")
-    # The teacher is measured in every invocation: its latencies on this machine instance are the reference.
+    # The teacher is measured in every invocation (its accuracy is every row's reference); each row's latency ratio
+    # uses the teacher timed in turn with that row (`measure(..., reference=teacher)`).
     current = measure(teacher, task, args, bench.latency_repeats)
     if "teacher" not in rows or not bench.teacher_dir:
         rows["teacher"] = current
@@ -233,10 +252,10 @@ def main(bench: BenchArguments, args: RMTKDTrainingArguments) -> None:
         model, detail = run_method(method, teacher, task, bench, args, rows)
         # One row per epochs factor of the longer-recovery method, so several can stand side by side.
         key = f"{method}_x{bench.long_epochs_factor:g}" if method == "rmtkd_hidden_long" else method
-        rows[key] = {**measure(model, task, args, bench.latency_repeats), **detail}
+        rows[key] = {**measure(model, task, args, bench.latency_repeats, reference=teacher), **detail}
         rows[key]["minutes"] = (time.perf_counter() - began) / 60
-        # Accuracy and latency ratios are taken against the teacher of the same invocation (same machine instance).
-        rows[key]["teacher_ref"] = {k: v for k, v in current.items() if k == "accuracy" or k.endswith("_ms")}
+        # Accuracy against this invocation's teacher; latency against the teacher timed in turn with the row.
+        rows[key]["teacher_ref"] = teacher_ref(rows[key], current)
         store.write_text(json.dumps(rows, indent=1))
     rows.setdefault("_runs", []).append({"command": " ".join(sys.argv), "minutes": (time.perf_counter() - start) / 60})
     rows["_setup"] = {**task.describe(bench, args), "machine": machine_line()}

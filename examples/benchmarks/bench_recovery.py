@@ -2,10 +2,10 @@
 
 One teacher (all-MiniLM-L6-v2 fine-tuned on all 67,349 sentences, saved under `<output_dir>/teacher` and reused by
 every later invocation), then one row per recipe and seed, each measured against that teacher on the full dev set
-(accuracy, parameters, size, FLOPs, CPU latency at batch 1 and 32). Rows accumulate in `<output_dir>/results.json`:
-a recipe already there is skipped, so the script is resumable and recipes can run in separate invocations
-(`--recipes`, `--seeds`); a baseline is one row per seed and `--match` row, so baselines matched to several rows
-share the store. Batches are length-grouped (`train_sampling_strategy="group_by_length"`) and dynamically
+(accuracy, parameters, size, FLOPs, CPU latency at batch 1 and 32, timed in turn with the teacher). Rows accumulate
+in `<output_dir>/results.json`: a recipe already there is skipped, so the script is resumable and recipes can run in
+separate invocations (`--recipes`, `--seeds`); a baseline is one row per seed and `--match` row, so baselines matched
+to several rows share the store. Batches are length-grouped (`train_sampling_strategy="group_by_length"`) and dynamically
 padded, which is what makes a full epoch fit a 2-core CPU (the teacher's epoch time is recorded).
 
 Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except the `rmtkd*` ones):
@@ -77,7 +77,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from bench_peers import calibration_loader, measure, trainable
+from bench_peers import calibration_loader, measure, teacher_ref, trainable
 from peers import drop_layers, svd_like, svd_to_size
 from recovery_recipes import BASELINES, OFF, RECIPES, TARGETS
 from tasks import build_task
@@ -317,7 +317,8 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
     store, rows = open_store(args.output_dir)
     task = build_task(bench, args)
     teacher = teacher_model(task, bench, args, rows, out)
-    # The teacher is timed in every invocation: latency ratios use the same machine state.
+    # The teacher is measured in every invocation (its accuracy is every row's reference); each row's latency ratio
+    # uses the teacher timed in turn with that row (`measure(..., reference=teacher)`).
     current = measure(teacher, task, args, bench.latency_repeats)
     fresh = {"teacher": {**rows.get("teacher", {}), **current}}
     if "_teacher_epoch_minutes" in rows:
@@ -333,8 +334,9 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
                 model, detail = run_baseline(name, seed, teacher, task, args, rows, bench.match, bench.match_params)
             else:
                 model, detail = run_recipe(name, seed, teacher, task, args)
-            row = {**measure(model, task, args, bench.latency_repeats), **detail}
-            row["teacher_ref"] = {k: v for k, v in current.items() if k == "accuracy" or k.endswith("_ms")}
+            row = {**measure(model, task, args, bench.latency_repeats, reference=teacher), **detail}
+            # Accuracy against this invocation's teacher; latency against the teacher timed in turn with the row.
+            row["teacher_ref"] = teacher_ref(row, current)
             rows = update_store(store, {row_key(name, seed, bench.match): row})
     setup = task.describe(bench, args)["text"]
     if args.max_steps > 0:
