@@ -176,23 +176,9 @@ def test_report_keeps_one_row_per_epochs_factor_and_judges_each():
 
 
 class TestMeasure:
-    def _task(self):
-        from tasks import Task, accuracy
-        from testing_utils import random_images
-        from transformers import AutoModelForImageClassification, default_data_collator
-
-        images = random_images(12, seed=3)
-        examples = [{"pixel_values": x, "labels": i % 10} for i, x in enumerate(images)]
-
-        def inputs(batch, device):
-            return {"pixel_values": random_images(batch, seed=4).to(device)}
-
-        return Task("tiny", examples, examples, default_data_collator, inputs, None, AutoModelForImageClassification,
-                    "tiny", accuracy)  # fmt: skip
-
     def test_a_row_is_timed_beside_its_reference_and_compared_with_it(self, tmp_path):
         import bench_peers
-        from testing_utils import tiny_resnet
+        from testing_utils import tiny_image_task, tiny_resnet
 
         from hf_rmtkd import RMTKDTrainingArguments
 
@@ -200,7 +186,7 @@ class TestMeasure:
             output_dir=str(tmp_path), use_cpu=True, per_device_eval_batch_size=4, report_to=[]
         )
         teacher, student = tiny_resnet(0), tiny_resnet(1)
-        task = self._task()
+        task = tiny_image_task()
         teacher_row = bench_peers.measure(teacher, task, args, repeats=2)
         row = bench_peers.measure(student, task, args, repeats=2, reference=teacher)
         assert "reference_ms" not in teacher_row

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import numpy as np
 import torch
 import transformers as tf
@@ -141,3 +144,24 @@ def tiny_resnet(seed: int = 0):
 def random_images(n: int = 16, seed: int = 0, size: int = 8) -> torch.Tensor:
     """Gaussian images of shape `(n, 3, size, size)`."""
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
+
+
+def tiny_image_task(n: int = 12, seed: int = 3):
+    """A benchmark `tasks.Task` for `tiny_resnet`: `n` random 8 x 8 images labelled `i % 10`, one set for training and
+    evaluation, and random benchmark inputs."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    from tasks import RESNET_DENSE_MODULES, Task, accuracy
+
+    examples = [{"pixel_values": x, "labels": i % 10} for i, x in enumerate(random_images(n, seed=seed))]
+
+    def inputs(batch, device):
+        return {"pixel_values": random_images(batch, seed=seed + 1).to(device)}
+
+    return Task(
+        "tiny", examples, examples, tf.default_data_collator, inputs, None, tf.AutoModelForImageClassification, "tiny",
+        accuracy, dense_modules=RESNET_DENSE_MODULES,
+    )  # fmt: skip

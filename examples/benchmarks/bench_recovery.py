@@ -7,6 +7,8 @@ in `<output_dir>/results.json`: a recipe already there is skipped, so the script
 separate invocations (`--recipes`, `--seeds`); a baseline is one row per seed and `--match` row, so baselines matched
 to several rows share the store. Batches are length-grouped (`train_sampling_strategy="group_by_length"`) and dynamically
 padded, which is what makes a full epoch fit a 2-core CPU (the teacher's epoch time is recorded).
+A row killed mid-training resumes from the last `checkpoint-<step>` in its folder (every `--save_steps`, 500 by
+default) when the same invocation runs again; its minutes then count the resumed part only.
 
 Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except the `rmtkd*` ones):
 
@@ -151,13 +153,17 @@ def teacher_model(task, bench: RecoveryArguments, args, rows: dict, out: Path):
         report_to=[],
     )
     began = time.perf_counter()
-    resume = get_last_checkpoint(str(folder)) if folder.exists() else None
     Trainer(model=model, args=training, train_dataset=task.train, data_collator=task.collator).train(
-        resume_from_checkpoint=resume
+        resume_from_checkpoint=last_checkpoint(folder)
     )
     rows["_teacher_epoch_minutes"] = (time.perf_counter() - began) / 60 / bench.teacher_epochs
     model.save_pretrained(folder)
     return model
+
+
+def last_checkpoint(folder: Path) -> str | None:
+    """The latest `checkpoint-<step>` in `folder` (None when there is none): a run killed mid-way resumes from it."""
+    return get_last_checkpoint(str(folder)) if Path(folder).is_dir() else None
 
 
 def dense_student(teacher, task, args, width: int, target_params: int):
@@ -275,7 +281,8 @@ def run_baseline(
     trainer = RMTKDTrainer(
         model=model, args=recipe_args, train_dataset=task.train, data_collator=task.collator, teacher_model=teacher
     )
-    trainer.train()
+    # The baseline is rebuilt the same way (deterministic in the teacher and the target), so a checkpoint fits it.
+    trainer.train(resume_from_checkpoint=last_checkpoint(Path(recipe_args.output_dir)))
     detail["minutes"] = (time.perf_counter() - began) / 60
     return trainer.model, {**detail, "matched": match}
 
@@ -296,7 +303,8 @@ def run_recipe(name: str, seed: int, teacher, task, args) -> tuple[torch.nn.Modu
         data_collator=task.collator,
     )
     began = time.perf_counter()
-    result = trainer.train()
+    # RMTKDTrainer rebuilds the reduced shapes, schedule and teacher a checkpoint records, then loads its weights.
+    result = trainer.train(resume_from_checkpoint=last_checkpoint(Path(recipe_args.output_dir)))
     trainer.save_model()
     model = trainer.model
     detail = {
