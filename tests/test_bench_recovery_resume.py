@@ -63,3 +63,16 @@ def test_a_recipe_row_resumes_with_its_reductions_rebuilt(tmp_path):
     # The reduced structure is rebuilt from the checkpoint's record, and its weights are the checkpoint's.
     assert again["ranks"] == detail["ranks"] and again["ranks"]
     assert (_bias(resumed) == 7.0).all()
+
+
+def test_a_stored_row_s_checkpoints_are_dropped_and_its_model_kept(tmp_path):
+    args = _args(tmp_path)
+    folder = bench_recovery.row_folder(args, "rmtkd_conv", 1, "")
+    assert folder == tmp_path / "rmtkd_conv-seed1"
+    assert bench_recovery.row_folder(args, "svd", 0, "rmtkd_conv@1") == tmp_path / "svd-rmtkd_conv-seed1-seed0"
+    (folder / "checkpoint-500").mkdir(parents=True)
+    (folder / "checkpoint-500" / "optimizer.pt").write_bytes(b"0")
+    (folder / "model.safetensors").write_bytes(b"0")
+    bench_recovery.drop_checkpoints(folder)
+    assert [p.name for p in folder.iterdir()] == ["model.safetensors"]
+    assert bench_recovery.last_checkpoint(folder) is None

@@ -2,13 +2,13 @@
 
 One teacher (all-MiniLM-L6-v2 fine-tuned on all 67,349 sentences, saved under `<output_dir>/teacher` and reused by
 every later invocation), then one row per recipe and seed, each measured against that teacher on the full dev set
-(accuracy, parameters, size, FLOPs, CPU latency at batch 1 and 32, timed in turn with the teacher). Rows accumulate
-in `<output_dir>/results.json`: a recipe already there is skipped, so the script is resumable and recipes can run in
+(accuracy, parameters, size, FLOPs, CPU latency at batch 1 and 32, timed in turn with the teacher). Rows accumulate in
+`<output_dir>/results.json`: a recipe already there is skipped, so the script is resumable and recipes can run in
 separate invocations (`--recipes`, `--seeds`); a baseline is one row per seed and `--match` row, so baselines matched
-to several rows share the store. Batches are length-grouped (`train_sampling_strategy="group_by_length"`) and dynamically
-padded, which is what makes a full epoch fit a 2-core CPU (the teacher's epoch time is recorded).
-A row killed mid-training resumes from the last `checkpoint-<step>` in its folder (every `--save_steps`, 500 by
-default) when the same invocation runs again; its minutes then count the resumed part only.
+to several rows share the store. Batches are length-grouped (`train_sampling_strategy="group_by_length"`) and
+dynamically padded, which is what makes a full epoch fit a 2-core CPU (the teacher's epoch time is recorded). A row
+killed mid-training resumes from the last `checkpoint-<step>` in its folder (every `--save_steps`, 500 by default;
+removed once the row is stored) when the same invocation runs again; its minutes then count the resumed part.
 
 Recipes (all on top of `RMTKDTrainer`'s defaults, hidden width included except the `rmtkd*` ones):
 
@@ -73,6 +73,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ from peers import drop_layers, svd_like, svd_to_size
 from recovery_recipes import BASELINES, OFF, RECIPES, TARGETS
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.analysis import SpectralReport, analyze_sites
@@ -159,6 +160,21 @@ def teacher_model(task, bench: RecoveryArguments, args, rows: dict, out: Path):
     rows["_teacher_epoch_minutes"] = (time.perf_counter() - began) / 60 / bench.teacher_epochs
     model.save_pretrained(folder)
     return model
+
+
+def row_folder(args, name: str, seed: int, match: str) -> Path:
+    """Where a row trains: its checkpoints, and a recipe's final model (`<output_dir>/<name>-seed<seed>`; a
+    baseline's folder also names the row it matches)."""
+    if name in BASELINES:
+        return Path(args.output_dir) / f"{name}-{match.replace('@', '-seed')}-seed{seed}"
+    return Path(args.output_dir) / f"{name}-seed{seed}"
+
+
+def drop_checkpoints(folder: Path) -> None:
+    """Remove a finished row's `checkpoint-*` folders: its figures are in the store and a recipe's final model stays
+    beside them (a MiniLM checkpoint with its optimizer state is about 270 MB)."""
+    for checkpoint in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        shutil.rmtree(checkpoint)
 
 
 def last_checkpoint(folder: Path) -> str | None:
@@ -259,7 +275,7 @@ def run_baseline(
                 f"`--match` {match!r} reduced the hidden width: truncated SVD cannot match its embeddings."
             )
         name_, seed_ = match.split("@")
-        reference = task.load_rmtkd(Path(args.output_dir) / f"{name_}-seed{seed_}")
+        reference = task.load_rmtkd(row_folder(args, name_, int(seed_), ""))
         model, ranks = svd_like(teacher, reference.config.reduced_modules, reference.model)
         detail = {"ranks": ranks}
     elif name == "svd_size":
@@ -271,7 +287,7 @@ def run_baseline(
     model = trainable(model)
     recipe_args = dataclasses.replace(
         args,
-        output_dir=str(Path(args.output_dir) / f"{name}-{match.replace('@', '-seed')}-seed{seed}"),
+        output_dir=str(row_folder(args, name, seed, match)),
         seed=seed,
         data_seed=seed,
         reduction_schedule="none",
@@ -291,7 +307,7 @@ def run_recipe(name: str, seed: int, teacher, task, args) -> tuple[torch.nn.Modu
     overrides = RECIPES[name][1]
     recipe_args = dataclasses.replace(
         args,
-        output_dir=str(Path(args.output_dir) / f"{name}-seed{seed}"),
+        output_dir=str(row_folder(args, name, seed, "")),
         seed=seed,
         data_seed=seed,
         **({**OFF, **overrides} if name.startswith("hidden") else overrides),
@@ -346,6 +362,7 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
             # Accuracy against this invocation's teacher; latency against the teacher timed in turn with the row.
             row["teacher_ref"] = teacher_ref(row, current)
             rows = update_store(store, {row_key(name, seed, bench.match): row})
+            drop_checkpoints(row_folder(args, name, seed, bench.match))
     setup = task.describe(bench, args)["text"]
     if args.max_steps > 0:
         steps = args.max_steps * args.per_device_train_batch_size
@@ -414,7 +431,10 @@ if __name__ == "__main__":
         per_device_train_batch_size=32,
         per_device_eval_batch_size=64,
         logging_steps=100,
-        save_strategy="no",
+        # Every row checkpoints (one kept, dropped when the row is stored), so a killed row resumes mid-training.
+        save_strategy="steps",
+        save_steps=500,
+        save_total_limit=1,
         report_to=[],
         seed=0,
         data_seed=0,

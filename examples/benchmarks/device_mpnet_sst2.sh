@@ -7,8 +7,8 @@
 # the hidden-state and attention terms). bench_recovery.py times each row on the GPU at batch 1 and 32 beside the CPU.
 # The results (markdown, the JSON store and the log) go to $OUT (default outputs/device-mpnet); models and the JSON
 # store to $RUN (default outputs/device-mpnet-run, git-ignored, so it stays on a warm machine: a call that ran out of
-# time resumes there, the teacher and finished rows kept). Extra arguments go to
-# bench_recovery.py and override the defaults below, e.g. `--max_steps 20 --eval_samples 64` for a smoke run.
+# time resumes there, the teacher and finished rows kept, a row cut short from its last checkpoint). Extra arguments go
+# to bench_recovery.py and override the defaults below, e.g. `--max_steps 20 --eval_samples 64` for a smoke run.
 #
 #   bash examples/benchmarks/device_mpnet_sst2.sh
 set -euo pipefail
@@ -28,6 +28,6 @@ python3 examples/benchmarks/bench_recovery.py \
   --teacher_epochs 1 --teacher_learning_rate 3e-5 \
   --recipes hidden_emb_front_b12 --num_train_epochs 3 \
   --per_device_train_batch_size 32 --per_device_eval_batch_size 256 \
-  --logging_steps 200 --disable_tqdm true --save_strategy no --tf32 true \
+  --logging_steps 200 --disable_tqdm true --tf32 true \
   --output_dir "$RUN" --results_file "$OUT/recovery_mpnet_sst2_gpu.md" "$@" 2>&1 | tee "$OUT/log.txt"
 cp "$RUN/results.json" "$OUT/results.json"
