@@ -82,7 +82,8 @@ from pathlib import Path
 import torch
 from bench_peers import calibration_loader, measure, teacher_ref, trainable
 from peers import drop_layers, svd_like, svd_to_size
-from recovery_recipes import BASELINES, OFF, RECIPES, TARGETS
+from recovery_recipes import BASELINES, OFF, RECIPES
+from recovery_report import is_stored, report, row_key
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -91,7 +92,7 @@ from hf_rmtkd import RMTKDTrainer, RMTKDTrainingArguments
 from hf_rmtkd.analysis import SpectralReport, analyze_sites
 from hf_rmtkd.compression import to_rmtkd
 from hf_rmtkd.pipeline import apply_report, reduce_hidden
-from hf_rmtkd.reporting import machine_line, open_store, report_header, update_store, write_results
+from hf_rmtkd.reporting import machine_line, open_store, update_store, write_results
 from hf_rmtkd.sites import select_sites
 
 
@@ -201,40 +202,6 @@ def dense_student(teacher, task, args, width: int, target_params: int):
     uniform = {n: dataclasses.replace(site, rank=inner) for n, site in report.items()}
     apply_report(model, SpectralReport(uniform, report.options, report.fingerprint))
     return model, inner
-
-
-def row_key(name: str, seed: int, match: str) -> str:
-    """A row's key in the store: a baseline's names the row it matches, so one store holds baselines matched to
-    several rows (`svd(rmtkd_front_s23@0)@0`); a recipe's is `name@seed`."""
-    return f"{name}({match})@{seed}" if name in BASELINES else f"{name}@{seed}"
-
-
-def is_stored(rows: dict, name: str, seed: int, match: str) -> bool:
-    """Whether that row is in the store, a baseline's also under the key of stores written before keys named the
-    match (`svd@0`, its match in the row's `matched`)."""
-    if row_key(name, seed, match) in rows:
-        return True
-    legacy = rows.get(f"{name}@{seed}")
-    return name in BASELINES and legacy is not None and legacy.get("matched") == match
-
-
-def grouped(rows: dict) -> list[tuple[str, list[dict]]]:
-    """(label, rows over seeds), recipes first in `RECIPES` order, then baselines, one group
-    per baseline and matched row."""
-    labels = {**{name: label for name, (label, _) in RECIPES.items()}, **BASELINES}
-    found: dict[tuple[str, str | None], list[dict]] = {}
-    for key, row in rows.items():
-        if "@" not in key or key.startswith("_"):
-            continue
-        name = key.rsplit("@", 1)[0].split("(")[0]
-        if name in labels:
-            found.setdefault((name, row.get("matched") if name in BASELINES else None), []).append(row)
-    return [
-        (labels[name] + (f" (matched to `{match}`)" if match else ""), seeds)
-        for order in labels
-        for (name, match), seeds in found.items()
-        if name == order
-    ]
 
 
 def baseline_target(name: str, rows: dict, match: str, match_params: int | None = None) -> dict:
@@ -373,52 +340,6 @@ def main(bench: RecoveryArguments, args: RMTKDTrainingArguments) -> None:
     meta = {"_machine": machine_line(), "_setup": setup, "_task": bench.task, "_title": task.name}
     rows = update_store(store, {**meta, "_eval_count": len(task.eval)}, command=" ".join(sys.argv))
     write_results(bench.results_file, report(rows))
-
-
-def report(rows: dict) -> list[str]:
-    """Markdown: one line per recipe (mean and spread over seeds) against the teacher, then the targets."""
-    teacher = rows["teacher"]
-    dev = rows.get("_eval_count", 872)
-    share, points = TARGETS[rows.get("_task", "sst2")]
-    stderr = 100 * math.sqrt(teacher["accuracy"] * (1 - teacher["accuracy"]) / dev)
-    title = rows.get("_title", "SST-2 (full training set), all-MiniLM-L6-v2")
-    epoch = rows.get("_teacher_epoch_minutes")
-    lines = report_header(f"Recovery at high compression: {title}", rows) + [
-        (
-            f"Teacher epoch on the training set: {epoch:.1f} min "
-            "(wall time of the run that finished it, whatever else shared the machine). "
-            if epoch is not None
-            else "The teacher was trained in another store (linked in), so its epoch time is not in this one. "
-        )
-        + f"Evaluation-set standard error of an accuracy near the teacher's: {stderr:.2f} points.",
-        "",
-        "| recipe | seeds | accuracy (%) | vs teacher (points) | whole params | FLOPs | CPU b1 | CPU b32 | minutes |",
-        "|---|---|---|---|---|---|---|---|---|",
-        f"| teacher | - | {100 * teacher['accuracy']:.2f} | - | {teacher['params']:,} | 1x | 1x | 1x | - |",
-    ]
-    verdicts = []
-    for label, seeds in grouped(rows):
-        acc = torch.tensor([100 * r["accuracy"] for r in seeds], dtype=torch.float64)
-        spread = f" ± {acc.std().item():.2f}" if len(seeds) > 1 else ""
-        drop = acc.mean().item() - 100 * teacher["accuracy"]
-        row = seeds[0]
-        fewer = 1 - row["params"] / teacher["params"]
-        ref = row["teacher_ref"]
-        lines.append(
-            f"| {label} | {len(seeds)} | {acc.mean().item():.2f}{spread} | {drop:+.2f} | "
-            f"{row['params']:,} ({100 * fewer:.1f}% fewer) | {teacher['flops'] / row['flops']:.1f}x fewer | "
-            f"{ref['cpu_b1_ms'] / row['cpu_b1_ms']:.2f}x | {ref['cpu_b32_ms'] / row['cpu_b32_ms']:.2f}x | "
-            f"{sum(r['minutes'] for r in seeds) / len(seeds):.0f} |"
-        )
-        met = "met" if fewer >= share and -drop <= points else "NOT met"
-        verdicts.append(f"- {label}: {100 * fewer:.1f}% fewer at {drop:+.2f} points: {met}.")
-    notes = rows.get("_notes", [])  # remarks added by hand to results.json, kept across invocations
-    return (
-        lines
-        + ["", f"## Target: >= {share:.0%} fewer whole-model parameters at <= {points:g} point below the teacher", ""]
-        + (verdicts or ["- no recipe row yet."])
-        + (["", "\n\n".join(notes)] if notes else [])  # one paragraph per note
-    )
 
 
 if __name__ == "__main__":
