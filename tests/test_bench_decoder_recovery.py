@@ -2,12 +2,12 @@
 
 import re
 import sys
-from pathlib import Path
 
 import pytest
+from testing_utils import BENCHMARKS
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
+sys.path.insert(0, str(BENCHMARKS))
 from bench_decoder_recovery import DecoderRecoveryArguments, report  # noqa: E402
 
 

@@ -1,16 +1,16 @@
 """The peer baselines of the benchmark (truncated SVD, energy PCA, layer dropping) on tiny models with known answers."""
 
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 import transformers as tf
 from conftest import tiny_config
+from testing_utils import BENCHMARKS
 from torch import nn
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
+sys.path.insert(0, str(BENCHMARKS))
 from peers import (  # noqa: E402
     drop_layers,
     energy_rank,

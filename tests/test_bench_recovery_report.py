@@ -2,12 +2,12 @@
 baseline on the equal-parameters target, hand notes as paragraphs."""
 
 import sys
-from pathlib import Path
 
 import pytest
+from testing_utils import BENCHMARKS
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
+sys.path.insert(0, str(BENCHMARKS))
 import bench_recovery  # noqa: E402
 import recovery_report  # noqa: E402
 

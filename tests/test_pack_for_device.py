@@ -13,9 +13,10 @@ import pytest
 import torch
 import transformers as tf
 from conftest import tiny_config
+from testing_utils import BENCHMARKS
 
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples" / "benchmarks"))
+sys.path.insert(0, str(BENCHMARKS))
 
 from pack_for_device import MIB, PackArguments, main, plan_calls  # noqa: E402
 
@@ -125,7 +126,7 @@ def test_the_mpnet_device_script_runs_a_staged_encoder_end_to_end(tmp_path):
         "RUN": str(run),
         "OMP_NUM_THREADS": "1",
     }
-    script = Path(__file__).resolve().parents[1] / "examples" / "benchmarks" / "device_mpnet_sst2.sh"
+    script = BENCHMARKS / "device_mpnet_sst2.sh"
     extra = ["--max_steps", "1", "--calibration_samples", "16", "--latency_repeats", "1", "--tf32", "false"]
     extra += ["--per_device_train_batch_size", "16", "--max_length", "16"]
     finished = subprocess.run(

@@ -128,11 +128,11 @@ def report(rows: dict) -> list[str]:
         spread = f" ± {acc.std().item():.2f}" if len(seeds) > 1 else ""
         drop = group.mean - 100 * teacher["accuracy"]
         row = seeds[0]
-        fewer = 1 - row["params"] / teacher["params"]
+        fewer = 1 - group.params / teacher["params"]
         ref = row["teacher_ref"]
         lines.append(
             f"| {group.label} | {len(seeds)} | {group.mean:.2f}{spread} | {drop:+.2f} | "
-            f"{row['params']:,} ({100 * fewer:.1f}% fewer) | {teacher['flops'] / row['flops']:.1f}x fewer | "
+            f"{group.params:,} ({100 * fewer:.1f}% fewer) | {teacher['flops'] / row['flops']:.1f}x fewer | "
             f"{ref['cpu_b1_ms'] / row['cpu_b1_ms']:.2f}x | {ref['cpu_b32_ms'] / row['cpu_b32_ms']:.2f}x | "
             f"{sum(r['minutes'] for r in seeds) / len(seeds):.0f} |"
         )
