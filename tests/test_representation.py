@@ -1,14 +1,24 @@
 """Representation distillation terms: pure functions, and through the kept basis of real sliced models."""
 
+import copy
+
 import pytest
 import torch
 import transformers as tf
 from conftest import tiny_config
+from testing_utils import random_images, tiny_resnet
 
 from hf_rmtkd.hidden.encoder import encoder_basis
 from hf_rmtkd.hidden.gpt2 import slice_gpt2
 from hf_rmtkd.kept_basis import StreamMap, add_stream_map, map_between, map_from
-from hf_rmtkd.representation import attention_loss, count_items, hidden_state_loss, layer_map
+from hf_rmtkd.representation import (
+    ENERGY_FLOOR,
+    attention_loss,
+    count_items,
+    energy_floor,
+    hidden_state_loss,
+    layer_map,
+)
 
 
 def _states(batch=3, positions=5, width=8, layers=3, seed=0):
@@ -56,6 +66,43 @@ class TestPureFunctions:
             h[0, 3:] = 1e3
         assert hidden_state_loss(student, teacher, labels, 3, attention_mask=mask).abs() < 1e-7
         assert attention_loss(_attentions(), _attentions(), labels, 3, attention_mask=mask).abs() < 1e-7
+
+    def test_a_position_the_teacher_leaves_at_zero_does_not_dominate(self):
+        teacher, labels = _states(), torch.tensor([0, 1, 0])
+        for h in teacher:
+            h[0, 2] = 0.0  # a dead pixel: no channel fires there
+        student = tuple(h + 0.01 * torch.randn_like(h) for h in teacher)
+        # Live positions: error / energy ~ 1e-4 * 8 / 8; the dead one is divided by 1e-3 of its sample's median energy
+        # (~8), not by 1e-6, which would weigh it 0.01**2 * 8 / 1e-6 = 800.
+        assert hidden_state_loss(student, teacher, labels, 3) < 0.05
+        # The floor only touches positions far below their sample's mean: elsewhere the plain ratio.
+        energy = teacher[1].pow(2).sum(-1)
+        weights = torch.ones_like(energy)
+        floored = energy_floor(energy, weights)
+        assert torch.equal(floored[1:], energy[1:]) and torch.equal(floored[0, :2], energy[0, :2])
+        assert torch.allclose(floored[0, 2], ENERGY_FLOOR * energy[0].median())
+        # Positions that are not compared (padding) do not move the floor, nor does one massive position (a decoder's
+        # first token), which would lift a mean above every other position.
+        weights[0, 3:] = 0
+        blown = energy.clone()
+        blown[0, 3:] = 0.0
+        blown[0, 0] = 1e9
+        assert torch.allclose(energy_floor(blown, weights)[0, 2], ENERGY_FLOOR * blown[0, :3].median())
+        assert torch.equal(energy_floor(blown, weights)[0, 1], blown[0, 1])
+
+    def test_dead_pixels_of_a_real_resnet_keep_the_term_of_order_one(self):
+        # A tiny ResNet's block outputs are zero at dozens of pixels (every channel under its ReLU); a 5% perturbation
+        # of its weights gave a hidden term of 900 when those positions were divided by 1e-6, 0.86 with the floor.
+        teacher = tiny_resnet()
+        student = copy.deepcopy(teacher)
+        with torch.no_grad():
+            for p in student.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+            images = random_images(16)
+            t_states = teacher(pixel_values=images, output_hidden_states=True).hidden_states
+            s_states = student(pixel_values=images, output_hidden_states=True).hidden_states
+        assert any((h.pow(2).sum(1) == 0).any() for h in t_states)
+        assert hidden_state_loss(s_states, t_states, torch.zeros(16, dtype=torch.long), 16) < 5.0
 
     def test_attention_term_is_kl_teacher_to_student(self):
         student, teacher = _attentions(seed=1), _attentions(seed=2)
