@@ -73,8 +73,9 @@ def _positions(state: torch.Tensor) -> torch.Tensor:
 # leaves (near) zero, such as a pixel no channel of a ReLU block output fires at, would otherwise weigh up to 1e6 times
 # a typical one. The median, not the mean: a decoder's first token carries massive activations (SmolLM2-135M on
 # 128-token WikiText-2 windows: from layer 12 on the mean lies up to 430x above the other tokens' energies). The
-# smallest energy / median measured is far above the floor (ResNet-56 block outputs 0.013 over 256 CIFAR-10 test
-# images, all-MiniLM-L6-v2 layers 0.079 over 256 SST-2 sentences, SmolLM2-135M 0.41), so it acts on dead positions only.
+# smallest energy / median measured is far above the floor on real models (ResNet-56 block outputs 0.013 over 256
+# CIFAR-10 test images, all-MiniLM-L6-v2 layers 0.079 over 256 SST-2 sentences, SmolLM2-135M 0.41); with random crops
+# 5 of the 6.7 million block-output positions of 512 training images fall below it (the smallest at 4e-4).
 ENERGY_FLOOR = 1e-3
 
 
