@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # ResNet-56 on CIFAR-10 (JPEG) at the GPU budget, on a borrowed GPU machine: a 10-epoch teacher, then 8 epochs
 # a row for RMT-KD with factorised convolutions and, at its parameters, truncated SVD (at its ranks, then at one shared
-# fraction of every block convolution) and layer dropping.
+# fraction of every block convolution) and layer dropping; then the same factorisation past 70% fewer
+# (`rmtkd_conv_q75`) against truncated SVD at one shared fraction of its size.
 #
 # Run in the repository root after pack_for_device.py staged `.gpu/cifar10_jpeg`, `.gpu/resnet_cifar10` and the wheels
 # (one call carries them). The results (markdown, the JSON store, the log) go to $OUT (default outputs/device-resnet56);
@@ -28,4 +29,7 @@ for baseline in svd layer_drop svd_size; do
   python3 examples/benchmarks/bench_recovery.py "${common[@]}" --recipes $baseline --match rmtkd_conv@0 --seeds 0 "$@" \
     2>&1 | tee -a "$OUT/log.txt"
 done
+python3 examples/benchmarks/bench_recovery.py "${common[@]}" --recipes rmtkd_conv_q75 --seeds 0 "$@" 2>&1 | tee -a "$OUT/log.txt"
+python3 examples/benchmarks/bench_recovery.py "${common[@]}" --recipes svd_size --match rmtkd_conv_q75@0 --seeds 0 "$@" \
+  2>&1 | tee -a "$OUT/log.txt"
 cp "$RUN/results.json" "$OUT/results.json"
