@@ -39,6 +39,8 @@ class CutArguments:
         default="channels",
         metadata={"help": "'channels' (inner channels kept) or 'factorize' (each conv factorised)."},
     )
+    estimator: str = field(default="bema", metadata={"help": "Noise-level estimator of the MP edge (see `analyze`)."})
+    tau: float = field(default=0.5, metadata={"help": "Quantile for the 'quantile' and 'mp_fit' estimators."})
     calibration_samples: int = field(default=2000, metadata={"help": "Training images for the spectra."})
     eval_samples: int = field(default=3000, metadata={"help": "Test images scored (the first ones)."})
     results_file: str | None = field(default=None, metadata={"help": "Markdown file for the table."})
@@ -73,6 +75,8 @@ def main(args: CutArguments) -> None:
         target_modules=args.target_modules,
         progress=False,
         convolutions=args.convolutions,
+        estimator=args.estimator,
+        tau=args.tau,
     )
     svd, _ = svd_like(teacher, ours.config.reduced_modules, ours.model)
     uniform, _ = svd_to_size(teacher, sum(p.numel() for p in ours.parameters()), skip=RESNET_DENSE_MODULES)
@@ -84,7 +88,8 @@ def main(args: CutArguments) -> None:
         f"Command: `python {' '.join(sys.argv)}`",
         "",
         f"Teacher {args.teacher}; {args.calibration_samples:,} training images for the spectra; the first "
-        f"{args.eval_samples:,} test images scored.",
+        f"{args.eval_samples:,} test images scored. MP edge: estimator {args.estimator!r}"
+        + (f", tau {args.tau:g}." if args.estimator in ("quantile", "mp_fit") else "."),
         "",
         "| model | accuracy (%) | whole params |",
         "|---|---|---|",
