@@ -3,6 +3,7 @@
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from testing_utils import BENCHMARKS, tiny_image_task, tiny_resnet
@@ -41,6 +42,23 @@ def test_a_baseline_row_resumes_from_its_last_checkpoint(tmp_path):
     # Same row again: it finds step 2 of 2 done and trains no further, so it ends on the checkpoint's weights.
     model, _ = run()
     assert (_bias(model) == 7.0).all()
+
+
+def test_a_baseline_row_keeps_its_trained_weights_for_later(tmp_path):
+    teacher, task, args = tiny_resnet(0), tiny_image_task(), _args(tmp_path)
+    target = int(0.6 * teacher.num_parameters())
+    row = ("svd_size", 0, teacher, task, args, {}, "rmtkd_conv@0", target)
+    with pytest.raises(FileNotFoundError, match="saved no weights"):
+        bench_recovery.load_baseline(*row)
+    trained, _ = bench_recovery.run_baseline(*row)
+    bench_recovery.drop_checkpoints(tmp_path / "svd_size-rmtkd_conv-seed0-seed0")
+    loaded = bench_recovery.load_baseline(*row)
+    untrained, _ = bench_recovery.build_baseline("svd_size", teacher, task, args, {}, "rmtkd_conv@0", target)
+    images = task.inputs(4, "cpu")
+    with torch.no_grad():
+        expected = trained.eval()(**images).logits
+        assert torch.equal(loaded(**images).logits, expected)
+        assert not torch.allclose(untrained.eval()(**images).logits, expected)
 
 
 def _bias(model) -> torch.Tensor:

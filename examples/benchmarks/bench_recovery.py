@@ -84,6 +84,7 @@ from bench_peers import calibration_loader, measure, teacher_ref, trainable
 from peers import drop_layers, svd_like, svd_to_size
 from recovery_recipes import BASELINES, OFF, RECIPES
 from recovery_report import is_stored, report, row_key
+from safetensors.torch import load_model, save_model
 from tasks import build_task
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
@@ -163,9 +164,12 @@ def teacher_model(task, bench: RecoveryArguments, args, rows: dict, out: Path):
     return model
 
 
+BASELINE_WEIGHTS = "baseline.safetensors"
+
+
 def row_folder(args, name: str, seed: int, match: str) -> Path:
-    """Where a row trains: its checkpoints, and a recipe's final model (`<output_dir>/<name>-seed<seed>`; a
-    baseline's folder also names the row it matches)."""
+    """Where a row trains: its checkpoints, then a recipe's final model or a baseline's weights
+    (`<output_dir>/<name>-seed<seed>`; a baseline's folder also names the row it matches)."""
     if name in BASELINES:
         return Path(args.output_dir) / f"{name}-{match.replace('@', '-seed')}-seed{seed}"
     return Path(args.output_dir) / f"{name}-seed{seed}"
@@ -173,7 +177,7 @@ def row_folder(args, name: str, seed: int, match: str) -> Path:
 
 def drop_checkpoints(folder: Path) -> None:
     """Remove a finished row's `checkpoint-*` folders: its figures are in the store and a recipe's final model stays
-    beside them (a MiniLM checkpoint with its optimizer state is about 270 MB)."""
+    beside them (a baseline's weights too; a MiniLM checkpoint with its optimizer state is about 270 MB)."""
     for checkpoint in Path(folder).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
         shutil.rmtree(checkpoint)
 
@@ -221,16 +225,12 @@ def baseline_target(name: str, rows: dict, match: str, match_params: int | None 
     return {"params": match_params}
 
 
-def run_baseline(
-    name: str, seed: int, teacher, task, args, rows: dict, match: str, match_params: int | None = None
+def build_baseline(
+    name: str, teacher, task, args, rows: dict, match: str, match_params: int | None = None
 ) -> tuple[torch.nn.Module, dict]:
-    """A baseline at the parameter count of the `match` row (`match_params` when given: a row of another store),
-    distilled with that recipe's losses and budget."""
+    """The untrained baseline `name` at the parameter count of the `match` row (`match_params` when given: a row of
+    another store): deterministic in the teacher and the target, so a checkpoint or saved weights fit it."""
     target = baseline_target(name, rows, match, match_params)
-    overrides = RECIPES[match.split("@")[0]][1]
-    # The loss terms only: a baseline always distils from the fine-tuned teacher (given as the external one).
-    losses = {k: v for k, v in overrides.items() if k.startswith("distillation_") and k != "distillation_teacher"}
-    began = time.perf_counter()
     if name == "dense_student":
         if target.get("hidden_size") is None:
             raise ValueError(f"`--match` {match!r} has no hidden width to build a dense student of.")
@@ -251,7 +251,19 @@ def run_baseline(
     else:
         model, kept = drop_layers(teacher, target["params"])
         detail = {"kept_blocks": kept}
-    model = trainable(model)
+    return trainable(model), detail
+
+
+def run_baseline(
+    name: str, seed: int, teacher, task, args, rows: dict, match: str, match_params: int | None = None
+) -> tuple[torch.nn.Module, dict]:
+    """A baseline ([`build_baseline`]) distilled with the `match` recipe's losses and budget; its final weights are
+    saved as `<row folder>/baseline.safetensors` ([`load_baseline`] reads them back)."""
+    overrides = RECIPES[match.split("@")[0]][1]
+    # The loss terms only: a baseline always distils from the fine-tuned teacher (given as the external one).
+    losses = {k: v for k, v in overrides.items() if k.startswith("distillation_") and k != "distillation_teacher"}
+    began = time.perf_counter()
+    model, detail = build_baseline(name, teacher, task, args, rows, match, match_params)
     recipe_args = dataclasses.replace(
         args,
         output_dir=str(row_folder(args, name, seed, match)),
@@ -267,7 +279,26 @@ def run_baseline(
     # The baseline is rebuilt the same way (deterministic in the teacher and the target), so a checkpoint fits it.
     trainer.train(resume_from_checkpoint=last_checkpoint(Path(recipe_args.output_dir)))
     detail["minutes"] = (time.perf_counter() - began) / 60
+    # Weights only: the structure is not one `from_pretrained` rebuilds from a config, so it is rebuilt as above.
+    save_model(trainer.model, str(Path(recipe_args.output_dir) / BASELINE_WEIGHTS))
     return trainer.model, {**detail, "matched": match}
+
+
+def load_baseline(
+    name: str, seed: int, teacher, task, args, rows: dict, match: str, match_params: int | None = None
+) -> torch.nn.Module:
+    """A stored baseline row's trained model (to time it again, say): rebuilt by [`build_baseline`], then its saved
+    weights loaded. Raises `FileNotFoundError` when the row saved none (rows stored before the weights were kept)."""
+    weights = row_folder(args, name, seed, match) / BASELINE_WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(
+            f"{weights} does not exist: the row {name} (seed {seed}, matched to {match}) saved no weights."
+        )
+    model, _ = build_baseline(name, teacher, task, args, rows, match, match_params)
+    # Wrapped as `RMTKDTrainer` wraps what it trains, so the saved names and the returned type are the trained row's.
+    model = to_rmtkd(model)
+    load_model(model, str(weights))
+    return model.eval()
 
 
 def run_recipe(name: str, seed: int, teacher, task, args) -> tuple[torch.nn.Module, dict]:
