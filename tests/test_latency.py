@@ -116,8 +116,15 @@ class TestRoundRobin:
 
     def test_keyword_inputs_reach_every_module(self):
         model = _compressed().eval()
-        ms = time_round_robin_ms({"a": model, "b": dense_model(model)}, _batch(), repeats=2, warmup=0)
+        modules, batch, seen = {"a": model, "b": dense_model(model)}, _batch(), []
+        for name, module in modules.items():
+            module.register_forward_pre_hook(
+                lambda _, args, kwargs, name=name: seen.append((name, args, sorted(kwargs))), with_kwargs=True
+            )
+        ms = time_round_robin_ms(modules, batch, repeats=2, warmup=1)
         assert all(v > 0 for v in ms.values())
+        # Every forward got the batch as keywords, none positionally.
+        assert seen == [(name, (), ["attention_mask", "input_ids"]) for _ in range(3) for name in ("a", "b")]
 
     @pytest.mark.parametrize("modules,repeats,match", [({}, 3, "at least one"), ({"a": nn.Identity()}, 0, "repeats")])
     def test_bad_arguments_are_refused(self, modules, repeats, match):
