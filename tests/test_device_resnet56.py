@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from PIL import Image
-from testing_utils import BENCHMARKS
+from testing_utils import run_device_script
 
 from hf_rmtkd import ResNetCifarConfig, ResNetCifarForImageClassification
 
@@ -44,20 +41,9 @@ def _stage(root: Path) -> None:
 def test_the_resnet56_device_script_runs_every_row_end_to_end(tmp_path):
     _stage(tmp_path)
     out, run = tmp_path / "out", tmp_path / "run"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "STAGE": str(tmp_path),
-        "OUT": str(out),
-        "RUN": str(run),
-        "OMP_NUM_THREADS": "1",
-    }
-    script = BENCHMARKS / "device_resnet56_cifar10.sh"
     extra = ["--teacher_epochs", "1", "--max_steps", "1", "--per_device_train_batch_size", "8"]
     extra += ["--calibration_samples", "16", "--latency_repeats", "1", "--dataloader_num_workers", "0"]
-    finished = subprocess.run(
-        ["bash", str(script), *extra], cwd=script.parents[2], env=env, capture_output=True, text=True, timeout=900
-    )
+    finished = run_device_script("device_resnet56_cifar10.sh", tmp_path, out, run, extra)
     assert finished.returncode == 0, (finished.stdout + finished.stderr)[-3000:]
     stored = json.loads((out / "results.json").read_text())
     rows = {"rmtkd_conv@0", "rmtkd_conv_q75@0"}

@@ -4,7 +4,6 @@ device's per-call limits (at most 8 paths and the byte budget each, every staged
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +12,7 @@ import pytest
 import torch
 import transformers as tf
 from conftest import tiny_config
-from testing_utils import BENCHMARKS
+from testing_utils import BENCHMARKS, run_device_script
 
 
 sys.path.insert(0, str(BENCHMARKS))
@@ -117,21 +116,9 @@ def test_the_mpnet_device_script_runs_a_staged_encoder_end_to_end(tmp_path):
     for split in ("train.tsv", "dev.tsv"):
         (sst2 / split).write_text("text_a\tlabel\n" + "".join(f"{r}\t{i % 2}\n" for i, r in enumerate(rows)))
     out, run = tmp_path / "out", tmp_path / "run"
-    env = {
-        **os.environ,
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-        "STAGE": str(tmp_path),
-        "MODEL": str(folder),
-        "OUT": str(out),
-        "RUN": str(run),
-        "OMP_NUM_THREADS": "1",
-    }
-    script = BENCHMARKS / "device_mpnet_sst2.sh"
     extra = ["--max_steps", "1", "--calibration_samples", "16", "--latency_repeats", "1", "--tf32", "false"]
     extra += ["--per_device_train_batch_size", "16", "--max_length", "16"]
-    finished = subprocess.run(
-        ["bash", str(script), *extra], cwd=script.parents[2], env=env, capture_output=True, text=True, timeout=600
-    )
+    finished = run_device_script("device_mpnet_sst2.sh", tmp_path, out, run, extra, MODEL=str(folder))
     assert finished.returncode == 0, finished.stdout[-3000:]
     stored = json.loads((out / "results.json").read_text())
     assert {"teacher", "hidden_emb_front_b12@0"} <= set(stored)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -147,6 +149,24 @@ def random_images(n: int = 16, seed: int = 0, size: int = 8) -> torch.Tensor:
 
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
+
+
+def run_device_script(
+    name: str, stage: Path, out: Path, run: Path, extra: list[str], **env
+) -> subprocess.CompletedProcess:
+    """Run `examples/benchmarks/<name>` as a device session would, on CPU: `STAGE`, `OUT` and `RUN` set (and `env`),
+    this interpreter first on the path, one thread; `extra` goes to every bench invocation of the script."""
+    environment = {
+        **os.environ,
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        **{"STAGE": str(stage), "OUT": str(out), "RUN": str(run), "OMP_NUM_THREADS": "1"},
+        **env,
+    }
+    script = BENCHMARKS / name
+    return subprocess.run(
+        ["bash", str(script), *extra], cwd=script.parents[2], env=environment, capture_output=True, text=True,
+        timeout=900,
+    )  # fmt: skip
 
 
 def tiny_image_task(n: int = 12, seed: int = 3):
