@@ -175,21 +175,6 @@ def test_compress_and_analyze_take_a_sentence_transformers_folder(tmp_path, caps
     assert reloaded.encode(["good film"]).shape[1] == width
 
 
-def _image_files(folder, n=48, size=8, seed=0):
-    """`n` random RGB images of `size` x `size` as PNG bytes (lossless, so every route decodes the same pixels)."""
-    import io
-
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    blobs = []
-    for _ in range(n):
-        buffer = io.BytesIO()
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
-        blobs.append(buffer.getvalue())
-    return blobs
-
-
 @pytest.fixture(scope="module")
 def resnet_dir(tmp_path_factory):
     from testing_utils import tiny_resnet
@@ -200,13 +185,11 @@ def resnet_dir(tmp_path_factory):
 
 
 def _image_data(folder, kind: str, size=8):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    from testing_utils import image_blobs, write_image_parquet
 
-    blobs = _image_files(folder, size=size)
+    blobs = image_blobs(size=size)
     if kind == "parquet":  # the layout of ../shared/data/cifar10_jpeg: encoded bytes in a `jpeg` column
-        path = folder / f"images{size}.parquet"
-        pq.write_table(pa.table({"jpeg": blobs, "label": [i % 10 for i in range(len(blobs))]}), path)
+        path = write_image_parquet(folder / f"images{size}.parquet", blobs)
     elif kind == "imagefolder":
         path = folder / f"pictures{size}"
         for i, blob in enumerate(blobs):

@@ -1,19 +1,14 @@
 """device_resnet56_cifar10.sh, the ResNet-56 script a GPU session runs, end to end on CPU with a stand-in: a random
-ResNet-20 in the akamaster checkpoint format and 24 random JPEG images, so a broken invocation is found here and not
+ResNet-20 in the akamaster checkpoint format and 24 random images a split, so a broken invocation is found here and not
 on borrowed device time."""
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
-from PIL import Image
-from testing_utils import run_device_script
+from testing_utils import image_blobs, run_device_script, write_image_parquet
 
 from hf_rmtkd import ResNetCifarConfig, ResNetCifarForImageClassification
 
@@ -27,15 +22,8 @@ def _stage(root: Path) -> None:
     state = {f"module.{k}": v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
     torch.save({"state_dict": state}, root / "resnet_cifar10" / "resnet56-4bfd9763.th")
     (root / "cifar10_jpeg").mkdir()
-    rng = np.random.default_rng(0)
-    for split in ("train", "test"):
-        blobs = []
-        for _ in range(24):
-            buffer = io.BytesIO()
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(buffer, format="JPEG")
-            blobs.append(buffer.getvalue())
-        table = pa.table({"jpeg": blobs, "label": [i % 10 for i in range(24)]})
-        pq.write_table(table, root / "cifar10_jpeg" / f"{split}.parquet")
+    for seed, split in enumerate(("train", "test")):
+        write_image_parquet(root / "cifar10_jpeg" / f"{split}.parquet", image_blobs(24, size=32, seed=seed))
 
 
 def test_the_resnet56_device_script_runs_every_row_end_to_end(tmp_path):

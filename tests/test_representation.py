@@ -75,7 +75,7 @@ class TestPureFunctions:
         # Live positions: error / energy ~ 1e-4 * 8 / 8; the dead one is divided by 1e-3 of its sample's median energy
         # (~8), not by 1e-6, which would weigh it 0.01**2 * 8 / 1e-6 = 800.
         assert hidden_state_loss(student, teacher, labels, 3) < 0.05
-        # The floor only touches positions far below their sample's mean: elsewhere the plain ratio.
+        # The floor only touches positions far below their sample's median: elsewhere the plain ratio.
         energy = teacher[1].pow(2).sum(-1)
         weights = torch.ones_like(energy)
         floored = energy_floor(energy, weights)

@@ -148,6 +148,30 @@ def random_images(n: int = 16, seed: int = 0, size: int = 8) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def image_blobs(n: int = 48, size: int = 8, seed: int = 0) -> list[bytes]:
+    """`n` random RGB images of `size` x `size` as PNG bytes (lossless, so every route decodes the same pixels)."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    blobs = []
+    for _ in range(n):
+        buffer = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
+        blobs.append(buffer.getvalue())
+    return blobs
+
+
+def write_image_parquet(path: Path, blobs: list[bytes]) -> Path:
+    """The layout of ../shared/data/cifar10_jpeg: encoded images in a `jpeg` column, labels `i % 10`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"jpeg": blobs, "label": [i % 10 for i in range(len(blobs))]}), path)
+    return path
+
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "examples" / "benchmarks"
 
 

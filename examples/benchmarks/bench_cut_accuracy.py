@@ -88,8 +88,7 @@ def main(args: CutArguments) -> None:
         f"Command: `python {' '.join(sys.argv)}`",
         "",
         f"Teacher {args.teacher}; {args.calibration_samples:,} training images for the spectra; the first "
-        f"{args.eval_samples:,} test images scored. MP edge: estimator {args.estimator!r}"
-        + (f", tau {args.tau:g}." if args.estimator in ("quantile", "mp_fit") else "."),
+        f"{args.eval_samples:,} test images scored. MP edge: estimator {args.estimator!r} (tau {args.tau:g}).",
         "",
         "| model | accuracy (%) | whole params |",
         "|---|---|---|",
